@@ -1,0 +1,229 @@
+"""Link functions of MallowsPO: p(y1 > y2 | x) = g(s) for a reward gap s (paper §3.2, §3.4).
+
+Every function is batched torch and accepts a per-example dispersion. Internally the
+dispersion is carried as ``L = -log phi`` (``neg_log_phi``), which is what the estimator
+produces and what keeps ``phi -> 1`` (L -> 0) and ``phi -> 0`` (L -> inf) well conditioned.
+
+Numerics: the phi link is evaluated in float64 and in log space, so there is no 0/0 at
+s = 0, no cancellation in 1 - g(s) for small phi and large s, no overflow for |s| up to
+1e4 and beyond, and phi = 1 (L = 0) gives exactly 1/2. Results are cast back to the
+input dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# L is clamped to this range before use: phi = exp(-L) = 1 exactly is handled by an
+# explicit branch, phi below exp(-700) ~ 1e-304 behaves as phi = exp(-700).
+_MAX_NEG_LOG_PHI = 700.0
+
+
+def _as_neg_log_phi(phi: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
+    """-log(phi) as float64, broadcastable to ``like``; phi must lie in [0, 1]."""
+    phi = torch.as_tensor(phi, dtype=torch.float64, device=like.device)
+    if bool(((phi < 0) | (phi > 1) | torch.isnan(phi)).any()):
+        raise ValueError("phi must lie in [0, 1] (it is the Mallows dispersion); got values outside it")
+    return (-torch.log(phi)).clamp(max=_MAX_NEG_LOG_PHI)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(-x)) for x > 0, accurate at both ends (Maechler 2012)."""
+    return torch.where(x < math.log(2.0), torch.log(-torch.expm1(-x)), torch.log1p(-torch.exp(-x)))
+
+
+def theta_link(s: torch.Tensor, phi: torch.Tensor | float) -> torch.Tensor:
+    """MallowsPO-theta link, eq. 8: g_theta(s) = sigmoid(-2 log(phi) * s).
+
+    Args:
+        s: reward gaps, any shape.
+        phi: dispersion in [0, 1], broadcastable to ``s``.
+    Returns:
+        probabilities with the shape of ``s``.
+    """
+    neg_log_phi = _as_neg_log_phi(phi, s).to(s.dtype)
+    return torch.sigmoid(2.0 * neg_log_phi * s)
+
+
+def _log_r(a: torch.Tensor, neg_log_phi: torch.Tensor) -> torch.Tensor:
+    """log of r(a) = a / expm1(a L) for a > 0, L > 0 (float64)."""
+    x = a * neg_log_phi
+    return torch.log(a) - x - log1mexp(x)
+
+
+def log_phi_link_upper_tail(a: torch.Tensor, neg_log_phi: torch.Tensor) -> torch.Tensor:
+    """log(1 - h(a)) for a > 0, where h(a) = g_phi(a) is eq. 9 on the positive side.
+
+    With q(a) = a / (1 - phi^a) = a + r(a), r(a) = a / expm1(a L), eq. 9 reads
+    h(a) = q(a + 1) - q(a) = 1 - (r(a) - r(a + 1)), so 1 - h(a) = r(a) - r(a + 1), a
+    difference of two positive, decreasing terms that is computed in log space.
+
+    Near uniformity ((a + 1) L < 1e-3) that difference cancels; there the expansion
+    r(a) - r(a+1) = 1/2 - (2a + 1) L / 12 + ((a + 1)^4 - a^4) L^3 / 720 + O(((a+1)L)^5)
+    is used instead (from x / expm1(x) = 1 - x/2 + x^2/12 - x^4/720 + ...).
+    Inputs are float64 with a > 0 and L > 0.
+    """
+    near_uniform = (a + 1.0) * neg_log_phi < 1e-3
+    a_series = torch.where(near_uniform, a, torch.zeros_like(a))
+    L_series = torch.where(near_uniform, neg_log_phi, torch.zeros_like(neg_log_phi))
+    series = 0.5 - (2.0 * a_series + 1.0) * L_series / 12.0 + ((a_series + 1.0) ** 4 - a_series**4) * L_series**3 / 720.0
+
+    a_exact = torch.where(near_uniform, torch.ones_like(a), a)
+    L_exact = torch.where(near_uniform, torch.ones_like(neg_log_phi), neg_log_phi)
+    log_r_a = _log_r(a_exact, L_exact)
+    log_r_next = _log_r(a_exact + 1.0, L_exact)
+    gap = (log_r_a - log_r_next).clamp(min=1e-300)  # r is decreasing, so gap > 0 up to rounding
+    exact = log_r_a + log1mexp(gap)
+    return torch.where(near_uniform, torch.log(series), exact)
+
+
+def log_phi_link(s: torch.Tensor, neg_log_phi: torch.Tensor) -> torch.Tensor:
+    """log g_phi(s), eq. 9, exact (the sgn form: g(0) = 1/2, jump at 0), as float64.
+
+    Args:
+        s: reward gaps, any shape (float64 preferred).
+        neg_log_phi: L = -log(phi) >= 0, broadcastable to ``s``.
+    """
+    s, neg_log_phi = torch.broadcast_tensors(s.to(torch.float64), neg_log_phi.to(torch.float64))
+    uniform = neg_log_phi <= 0.0
+    a = s.abs()
+    # Substitute safe arguments in branches that are not selected, so that neither the
+    # value nor the gradient of an unused branch can be NaN.
+    # |s| below 1e-150 is the limit g(0+) to double precision; the floor avoids subnormals.
+    a_safe = torch.where((a > 0) & ~uniform, a.clamp(min=1e-150), torch.ones_like(a))
+    L_safe = torch.where(uniform, torch.ones_like(neg_log_phi), neg_log_phi.clamp(max=_MAX_NEG_LOG_PHI))
+    log_lower = log_phi_link_upper_tail(a_safe, L_safe)  # log(1 - h(|s|)) = log g(-|s|)
+    log_upper = log1mexp(-log_lower)  # log h(|s|) = log g(|s|)
+    half = torch.full_like(s, -math.log(2.0))
+    out = torch.where(s > 0, log_upper, torch.where(s < 0, log_lower, half))
+    return torch.where(uniform, half, out)
+
+
+def phi_link(s: torch.Tensor, phi: torch.Tensor | float) -> torch.Tensor:
+    """MallowsPO-phi link, eq. 9 (Cor. 3), exact:
+
+        g_phi(s) = (1 - sgn s)/2 + sgn(s) [ (|s|+1)/(1 - phi^{|s|+1}) - |s|/(1 - phi^{|s|}) ].
+
+    For integer s > 0 this is the probability, under a Kendall Mallows model with any
+    number of items, that the item at central rank i is ranked above the one at i + s.
+    g(0) = 1/2, g(-s) = 1 - g(s), g(1) = 1/(1 + phi); phi = 1 gives 1/2 everywhere.
+
+    Args:
+        s: reward gaps, any shape.
+        phi: dispersion in [0, 1], broadcastable to ``s``.
+    Returns:
+        probabilities with the shape and dtype of ``s``.
+    """
+    return torch.exp(log_phi_link(s, _as_neg_log_phi(phi, s))).to(s.dtype)
+
+
+def phi_link_derivative(s: torch.Tensor, phi: torch.Tensor | float) -> torch.Tensor:
+    """d g_phi / ds for s != 0, eq. 12 (the derivative is even in s):
+
+        g'(s) = q'(|s| + 1) - q'(|s|),  q'(a) = [1 - phi^a (1 + a L)] / (1 - phi^a)^2,  L = -log phi.
+
+    At s = 0 g jumps, and this function returns the one-sided limit q'(1) - q'(0+).
+    Evaluated in float64 with expm1 so that small a and phi near 1 are accurate.
+    """
+    neg_log_phi = _as_neg_log_phi(phi, s)
+    a, L = torch.broadcast_tensors(s.to(torch.float64).abs(), neg_log_phi)
+    uniform = L <= 0.0
+    L = torch.where(uniform, torch.ones_like(L), L)
+
+    def q_prime(a: torch.Tensor) -> torch.Tensor:
+        x = a * L
+        one_minus_phi_a = -torch.expm1(-x)
+        # 1 - phi^a (1 + a L) and (1 - phi^a)^2 both vanish like x^2 as x -> 0: use the series there.
+        exact = (one_minus_phi_a - x * torch.exp(-x)) / one_minus_phi_a.pow(2)
+        return torch.where(x < 1e-3, _q_prime_series(x), exact)
+
+    out = q_prime(a + 1.0) - q_prime(a)
+    return torch.where(uniform, torch.zeros_like(out), out).to(s.dtype)
+
+
+def _q_prime_series(x: torch.Tensor) -> torch.Tensor:
+    """q'(a) near x = a L = 0: d/dx [x / (1 - e^{-x})] = 1/2 + x/6 - x^3/180 + O(x^5)."""
+    return 0.5 + x / 6.0 - x.pow(3) / 180.0
+
+
+# --------------------------------------------------------------------------------------
+# Smoothings of the phi link (§3.4): g_phi is flat on each side of a jump at 0, so
+# training from pi = pi_ref gets no useful gradient. Two smoothings are offered.
+# --------------------------------------------------------------------------------------
+
+
+def log_sigmoid_smoothed_phi_link(s: torch.Tensor, neg_log_phi: torch.Tensor) -> torch.Tensor:
+    """Smoothing (i): g ~ sigmoid(-s log phi) = sigmoid(L s); equal to g_phi at s = 1.
+
+    This makes MallowsPO-phi the same objective as MallowsPO-theta with beta halved.
+    Returns log g, in the dtype of ``s``.
+    """
+    return torch.nn.functional.logsigmoid(neg_log_phi.to(s.dtype) * s)
+
+
+def cubic_patch_coefficients(eps: torch.Tensor, neg_log_phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients (a3, a1) of P(s) = a3 s^3 + a1 s + 1/2 joining g_phi in C1 at +-eps.
+
+    a0 = 1/2 keeps P(s) + P(-s) = 1. Matching value G = g(eps) and slope D = g'(eps):
+        a3 = (D eps - (G - 1/2)) / (2 eps^3),  a1 = D - 3 a3 eps^2.
+    Since g is increasing and concave on (0, inf), a1 > D > 0 and P is increasing.
+    Inputs float64, eps > 0.
+    """
+    G = torch.exp(log_phi_link(eps, neg_log_phi))
+    D = phi_link_derivative(eps, torch.exp(-neg_log_phi))
+    a3 = (D * eps - (G - 0.5)) / (2.0 * eps.pow(3))
+    a1 = D - 3.0 * a3 * eps.pow(2)
+    return a3, a1
+
+
+def smoothing_eps(neg_log_phi: torch.Tensor, eps: float | str) -> torch.Tensor:
+    """Half-width of the cubic patch: a fixed positive number, or "adaptive" = -2 log phi = 2 L.
+
+    The adaptive width is floored at 1e-3 so that phi = 1 stays well defined (there g is
+    constant 1/2 and the patch reduces to it).
+    """
+    if isinstance(eps, str):
+        if eps != "adaptive":
+            raise ValueError(f"smoothing eps must be a positive number or 'adaptive', got {eps!r}")
+        return (2.0 * neg_log_phi.to(torch.float64)).clamp(min=1e-3)
+    if not eps > 0:
+        raise ValueError(f"smoothing eps must be > 0, got {eps}")
+    return torch.full_like(neg_log_phi, float(eps), dtype=torch.float64)
+
+
+def log_cubic_smoothed_phi_link(
+    s: torch.Tensor, neg_log_phi: torch.Tensor, eps: float | str = "adaptive"
+) -> torch.Tensor:
+    """Smoothing (ii): g_phi with a cubic patch P(s) on [-eps, eps] (C1 at +-eps).
+
+    Differentiable everywhere, including s = 0, where P'(0) = a1 > 0. ``eps`` is a fixed
+    half-width (the paper suggests 0.1) or "adaptive" (eps = -2 log phi(x)).
+    Returns log g, in the dtype of ``s``.
+    """
+    s64, L = torch.broadcast_tensors(s.to(torch.float64), neg_log_phi.to(torch.float64))
+    half_width = smoothing_eps(L, eps)
+    a3, a1 = cubic_patch_coefficients(half_width, L)
+    inside = s64.abs() <= half_width
+    s_inside = torch.where(inside, s64, torch.zeros_like(s64))
+    s_outside = torch.where(inside, half_width, s64)  # keeps the unused branch away from the jump
+    patch = torch.log(a3 * s_inside.pow(3) + a1 * s_inside + 0.5)
+    exact = log_phi_link(s_outside, L)
+    return torch.where(inside, patch, exact).to(s.dtype)
+
+
+PHI_SMOOTHINGS = ("cubic", "sigmoid", "none")
+
+
+def log_smoothed_phi_link(
+    s: torch.Tensor, neg_log_phi: torch.Tensor, smoothing: str = "cubic", eps: float | str = "adaptive"
+) -> torch.Tensor:
+    """log g for the phi link under a chosen smoothing: "cubic" (default), "sigmoid", or "none" (exact eq. 9)."""
+    if smoothing == "cubic":
+        return log_cubic_smoothed_phi_link(s, neg_log_phi, eps)
+    if smoothing == "sigmoid":
+        return log_sigmoid_smoothed_phi_link(s, neg_log_phi)
+    if smoothing == "none":
+        return log_phi_link(s, neg_log_phi).to(s.dtype)
+    raise ValueError(f"unknown phi smoothing {smoothing!r}; choose one of {PHI_SMOOTHINGS}")
