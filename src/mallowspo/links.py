@@ -16,17 +16,17 @@ import math
 
 import torch
 
-# L is clamped to this range before use: phi = exp(-L) = 1 exactly is handled by an
-# explicit branch, phi below exp(-700) ~ 1e-304 behaves as phi = exp(-700).
+# Finite L is clamped to this before use (phi below exp(-700) ~ 1e-304 behaves as that);
+# phi = 1 (L = 0) and phi = 0 (L = inf) are handled by explicit branches.
 _MAX_NEG_LOG_PHI = 700.0
 
 
 def _as_neg_log_phi(phi: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    """-log(phi) as float64, broadcastable to ``like``; phi must lie in [0, 1]."""
+    """-log(phi) as float64, broadcastable to ``like``; phi must lie in [0, 1] (phi = 0 gives inf)."""
     phi = torch.as_tensor(phi, dtype=torch.float64, device=like.device)
     if bool(((phi < 0) | (phi > 1) | torch.isnan(phi)).any()):
         raise ValueError("phi must lie in [0, 1] (it is the Mallows dispersion); got values outside it")
-    return (-torch.log(phi)).clamp(max=_MAX_NEG_LOG_PHI)
+    return -torch.log(phi)
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,8 @@ def theta_link(s: torch.Tensor, phi: torch.Tensor | float) -> torch.Tensor:
         probabilities with the shape of ``s``.
     """
     neg_log_phi = _as_neg_log_phi(phi, s).to(s.dtype)
-    return torch.sigmoid(2.0 * neg_log_phi * s)
+    z = 2.0 * neg_log_phi * s
+    return torch.sigmoid(torch.where(s == 0, torch.zeros_like(z), z))  # phi = 0, s = 0: 1/2, not inf * 0
 
 
 def _log_r(a: torch.Tensor, neg_log_phi: torch.Tensor) -> torch.Tensor:
@@ -88,6 +89,7 @@ def log_phi_link(s: torch.Tensor, neg_log_phi: torch.Tensor) -> torch.Tensor:
     """
     s, neg_log_phi = torch.broadcast_tensors(s.to(torch.float64), neg_log_phi.to(torch.float64))
     uniform = neg_log_phi <= 0.0
+    certain = torch.isinf(neg_log_phi)  # phi = 0: a step, g = 1 for s > 0 and 0 for s < 0
     a = s.abs()
     # Substitute safe arguments in branches that are not selected, so that neither the
     # value nor the gradient of an unused branch can be NaN.
@@ -98,7 +100,8 @@ def log_phi_link(s: torch.Tensor, neg_log_phi: torch.Tensor) -> torch.Tensor:
     log_upper = log1mexp(-log_lower)  # log h(|s|) = log g(|s|)
     half = torch.full_like(s, -math.log(2.0))
     out = torch.where(s > 0, log_upper, torch.where(s < 0, log_lower, half))
-    return torch.where(uniform, half, out)
+    step = torch.where(s > 0, torch.zeros_like(s), torch.where(s < 0, torch.full_like(s, -math.inf), half))
+    return torch.where(uniform, half, torch.where(certain, step, out))
 
 
 def phi_link(s: torch.Tensor, phi: torch.Tensor | float) -> torch.Tensor:
