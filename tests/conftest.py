@@ -1,0 +1,78 @@
+"""Shared pytest fixtures.
+
+Each fixture here is self-contained; add new ones below with their own section.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+# --------------------------------------------------------------------------------------
+# tiny_tokenizer: a locally trained byte-level BPE tokenizer with a chat template
+# (no network, no hub). Used by the data-layer tests (tests/test_data.py).
+# --------------------------------------------------------------------------------------
+
+TINY_TOKENIZER_CORPUS = [
+    "What color is the sky? The sky is blue on a clear day.",
+    "The sky is green, said nobody ever.",
+    "Name a prime number. Seven is a prime number. Nine is not a prime number.",
+    "Where is the sun? The sun is in the sky. The sun is in the sea.",
+    "Write a short poem about the sea and the waves and the wind.",
+    "How are you today? I am fine, thank you. I am not sure.",
+    "Paris is the capital of France. London is the capital of England.",
+]
+
+# A minimal ChatML-like template. The prompt ends with the generation prompt
+# "<|assistant|>", each assistant turn ends with the EOS token and nothing after it, so
+# that a completion rendered by the template already ends with EOS.
+TINY_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '<|end|>' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def build_tiny_tokenizer(chat_template: str | None = TINY_CHAT_TEMPLATE):
+    """Train a byte-level BPE (vocab ~300) on a few sentences and wrap it.
+
+    The tokenizer adds BOS to every text when ``add_special_tokens=True`` (like Llama),
+    has ``<s>``/``</s>``/``<pad>`` and role markers as special tokens, and, unless
+    ``chat_template`` is None, a simple Jinja chat template.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(TINY_TOKENIZER_CORPUS, trainer=trainer)
+    bos_id = tok.token_to_id("<s>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A $B:1", special_tokens=[("<s>", bos_id)]
+    )
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|user|>", "<|assistant|>", "<|system|>", "<|end|>"],
+    )
+    if chat_template is not None:
+        hf.chat_template = chat_template
+    return hf
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A tiny local tokenizer (byte-level BPE, BOS added, chat template). Do not mutate."""
+    return build_tiny_tokenizer()
