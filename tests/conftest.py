@@ -76,3 +76,41 @@ def build_tiny_tokenizer(chat_template: str | None = TINY_CHAT_TEMPLATE):
 def tiny_tokenizer():
     """A tiny local tokenizer (byte-level BPE, BOS added, chat template). Do not mutate."""
     return build_tiny_tokenizer()
+
+
+# --------------------------------------------------------------------------------------
+# BEGIN trainer / reference pass / train CLI fixtures (tests/test_trainer*.py,
+# tests/test_reference*.py, tests/test_cli*.py). Tiny models built locally, no hub.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_prefs_path():
+    """The bundled preference file (300 rows, standard format): src/mallowspo/assets/tiny_prefs.jsonl."""
+    from mallowspo.builtin import bundled_preferences
+
+    return bundled_preferences()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory, tiny_prefs_path):
+    """A random-init tiny Llama + BPE tokenizer (vocab 512) trained on the bundled texts, in HF format."""
+    import json
+
+    from mallowspo.tiny import build_tiny_model
+
+    rows = [json.loads(line) for line in tiny_prefs_path.read_text().splitlines() if line.strip()]
+    texts = [r["prompt"] + " " + r[side] for r in rows for side in ("chosen", "rejected")]
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_lm"), texts, vocab_size=512, seed=0)
+
+
+@pytest.fixture
+def mallowspo_cache(tmp_path, monkeypatch):
+    """A fresh reference-pass cache root for one test (MALLOWSPO_CACHE)."""
+    root = tmp_path / "mallowspo_cache"
+    monkeypatch.setenv("MALLOWSPO_CACHE", str(root))
+    return root
+
+
+# END trainer / reference pass / train CLI fixtures
+# --------------------------------------------------------------------------------------

@@ -1,0 +1,222 @@
+"""`mallowspo train`: fine-tune a causal LM with MallowsPO.
+
+    mallowspo train                                  # the built-in default (tiny model, bundled data)
+    mallowspo train --config recipe.yaml [--key value ...]
+    mallowspo train --config recipe.yaml --accelerate_config zero3 [--num_processes 8]
+
+Settings come from, in increasing priority: the built-in default (without --config) or
+the recipe YAML, then ``--key value`` pairs. Keys are the fields of ``ModelArguments``,
+``ScriptArguments`` and ``MallowsPOConfig`` (all of ``TrainingArguments``); see
+``mallowspo train --show_fields``. ``--accelerate_config NAME_OR_PATH`` re-launches the
+same command through ``accelerate launch --config_file`` (names: ddp, fsdp, zero3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import logging
+import subprocess
+import sys
+from dataclasses import asdict
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+ACCEPTS_OVERRIDES = True
+
+# Other spellings accepted for a few keys (in YAML and on the command line).
+KEY_ALIASES = {"torch_dtype": "dtype", "dataset_path": "dataset_name"}
+ACCELERATE_CONFIG_NAMES = ("ddp", "fsdp", "zero3")
+
+logger = logging.getLogger("mallowspo.train")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (parser.description or "") + " Any config field can be given as --key value."
+    parser.add_argument("--config", help="recipe YAML file; without it, the built-in default run")
+    parser.add_argument(
+        "--accelerate_config",
+        help=f"re-launch through `accelerate launch` with this config: one of {ACCELERATE_CONFIG_NAMES} or a path",
+    )
+    parser.add_argument("--num_processes", type=int, help="with --accelerate_config: the number of processes")
+    parser.add_argument("--show_fields", action="store_true", help="list every --key the run accepts and exit")
+
+
+# ---------------------------------------------------------------------------------------
+# Settings: recipe/default + overrides -> dataclasses
+# ---------------------------------------------------------------------------------------
+
+
+def argument_parser():
+    """The HfArgumentParser over (ModelArguments, ScriptArguments, MallowsPOConfig)."""
+    from transformers import HfArgumentParser
+
+    from mallowspo.config import MallowsPOConfig, ModelArguments, ScriptArguments
+
+    return HfArgumentParser((ModelArguments, ScriptArguments, MallowsPOConfig), allow_abbrev=False)
+
+
+def known_keys(parser) -> set[str]:
+    return {f.name for dc in parser.dataclass_types for f in dataclasses.fields(dc) if f.init}
+
+
+def canonical_key(key: str) -> str:
+    return KEY_ALIASES.get(key, key)
+
+
+def canonical_overrides(overrides: list[str]) -> list[str]:
+    """Rewrite aliased ``--key`` tokens (also ``--key=value``) to their canonical names."""
+    out = []
+    for token in overrides:
+        if token.startswith("--"):
+            key, sep, value = token[2:].partition("=")
+            token = f"--{canonical_key(key)}{sep}{value}"
+        out.append(token)
+    return out
+
+
+def load_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe YAML as a flat mapping of keys to values."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe not found: {path}")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"recipe {path} must be a mapping of keys to values, got {type(values).__name__}")
+    return values
+
+
+def check_keys(values: dict[str, Any], known: set[str], where: str) -> None:
+    unknown = sorted(set(values) - known)
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k for k in unknown]
+        raise ValueError(f"unknown keys in {where}: {', '.join(hints)}; see `mallowspo train --show_fields`")
+
+
+def parse_run_config(config_path: str | None, overrides: list[str]):
+    """(ModelArguments, ScriptArguments, MallowsPOConfig) from the recipe (or the built-in
+    default) with ``--key value`` overrides on top."""
+    from mallowspo.builtin import default_run_config
+
+    parser = argument_parser()
+    known = known_keys(parser)
+    values = load_recipe(config_path) if config_path else default_run_config()
+    values = {canonical_key(k): v for k, v in values.items()}
+    check_keys(values, known, config_path or "the built-in default")
+    parser.set_defaults(**values)
+    model_args, script_args, training_args, remaining = parser.parse_args_into_dataclasses(
+        args=canonical_overrides(overrides), return_remaining_strings=True, look_for_args_file=False
+    )
+    if remaining:
+        flags = [t[2:].partition("=")[0] for t in remaining if t.startswith("--")]
+        check_keys(dict.fromkeys(flags), known, "the command line")
+        raise ValueError(f"cannot parse these command-line arguments: {' '.join(remaining)}")
+    return model_args, script_args, training_args
+
+
+# ---------------------------------------------------------------------------------------
+# Launching through accelerate
+# ---------------------------------------------------------------------------------------
+
+
+def resolve_accelerate_config(name_or_path: str) -> Path:
+    """A shipped config (ddp, fsdp, zero3) or an existing file."""
+    if name_or_path in ACCELERATE_CONFIG_NAMES:
+        return Path(str(files("mallowspo") / "accelerate_configs" / f"{name_or_path}.yaml"))
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"accelerate config {name_or_path!r}: not one of {ACCELERATE_CONFIG_NAMES} nor a file")
+    return path
+
+
+def accelerate_command(args: argparse.Namespace) -> list[str]:
+    """`accelerate launch --config_file F [--num_processes N] -m mallowspo.cli train ...` (same interpreter)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(resolve_accelerate_config(args.accelerate_config))]
+    if args.num_processes:
+        command += ["--num_processes", str(args.num_processes)]
+    command += ["-m", "mallowspo.cli", "train"]
+    if args.config:
+        command += ["--config", args.config]
+    return command + list(args.overrides)
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------
+
+
+def setup_logging(training_args) -> None:
+    level = logging.INFO if training_args.should_log else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("mallowspo").setLevel(level)
+
+
+def resume_argument(value: str | None) -> str | bool | None:
+    """``--resume_from_checkpoint``: a checkpoint path, or true/last for the newest one in output_dir."""
+    if value is None:
+        return None
+    return True if str(value).lower() in ("true", "last") else value
+
+
+def train(model_args, script_args, training_args):
+    """Load model, tokenizer and data; train; save. Returns the trainer."""
+    from transformers import AutoTokenizer
+
+    from mallowspo.data import load_preference_dataset
+    from mallowspo.trainer import MallowsPOTrainer, load_causal_lm
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+    )
+    model = load_causal_lm(
+        model_args.model_name_or_path, model_args.dtype, model_args.trust_remote_code, model_args.attn_implementation
+    )
+    train_dataset = load_preference_dataset(script_args.dataset_name, script_args.dataset_train_split)
+    eval_dataset = (
+        load_preference_dataset(script_args.dataset_name, script_args.dataset_test_split)
+        if script_args.dataset_test_split
+        else None
+    )
+    trainer = MallowsPOTrainer(
+        model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=model_args.peft_config(),
+    )
+    trainer.run_metadata = {"model": asdict(model_args), "data": asdict(script_args)}
+    trainer.train(resume_from_checkpoint=resume_argument(training_args.resume_from_checkpoint))
+    if eval_dataset is not None:
+        trainer.evaluate()
+    trainer.save_model()
+    if training_args.should_save:
+        logger.info("saved the model, config, model card and dispersion.jsonl to %s", training_args.output_dir)
+        logger.info("last logged metrics: %s", format_metrics(trainer.last_logged_metrics()))
+    return trainer
+
+
+SUMMARY_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies",
+                   "mallows/neg_log_phi_mean", "mallows/neg_log_phi_min", "mallows/neg_log_phi_max", "train_runtime")
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={metrics[k]:.4g}" for k in SUMMARY_METRICS if k in metrics)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.show_fields:
+        argument_parser().print_help()
+        return 0
+    if args.accelerate_config:
+        return subprocess.call(accelerate_command(args))
+    if args.num_processes:
+        raise SystemExit("--num_processes goes with --accelerate_config (or use `accelerate launch` directly)")
+    model_args, script_args, training_args = parse_run_config(args.config, args.overrides)
+    setup_logging(training_args)
+    train(model_args, script_args, training_args)
+    return 0

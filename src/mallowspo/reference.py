@@ -1,0 +1,349 @@
+"""The reference pass: one pass of the reference model over the preference data, and its cache.
+
+For each pair it computes, batch by batch (memory bounded: only per-pair numbers are
+kept, and the fused LM head scores tokens without building (batch, length, vocab)
+logits):
+
+    ref_chosen_logps, ref_rejected_logps      summed completion log-probs (nats)
+    ref_chosen_entropy, ref_rejected_entropy  mean per-token entropy of the next-token
+                                              distribution over the completion (nats)
+    hbar                                      Hbar(x) of eq. 11, in [0, 1]
+
+These are cached on disk under a key built from the tokens themselves (a content hash
+of the prompt/chosen/rejected token ids, which covers the dataset, the tokenizer and the
+truncation), the reference weights, the tokenizer's vocabulary and chat template, the
+data settings (max lengths, truncation, EOS) and the mixed-precision mode. Any change
+recomputes; an unchanged rerun reuses. Writes are atomic (temp dir + rename).
+
+Cache root: ``$MALLOWSPO_CACHE`` or ``~/.cache/mallowspo``; entries live in
+``<root>/reference/<key>/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from trl.trainer.utils import hash_module
+
+from mallowspo.collate import PreferenceCollator, split_pairs
+from mallowspo.dispersion import mean_completion_entropy, normalized_entropy
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_entropy", "ref_rejected_entropy", "hbar")
+FUSED_HEAD_OUTPUTS = ("log_probs", "entropy")
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring one batch
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompletionScores:
+    """Per-sequence scores of a concatenated batch, each (2B,): chosen rows first.
+
+    logps: summed log-probs of the completion tokens (carries gradient if the model does).
+    mean_entropy: mean next-token entropy over the completion positions (no gradient).
+    lengths: number of completion tokens.
+    """
+
+    logps: torch.Tensor
+    mean_entropy: torch.Tensor
+    lengths: torch.Tensor
+
+
+def score_completions(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> CompletionScores:
+    """Run ``model`` (patched with TRL's fused LM head) on a ``PreferenceCollator`` batch.
+
+    Position t of the fused outputs scores token t + 1, so the completion mask is shifted
+    by one. Prompt tokens get the label -100 and are never projected through the LM head.
+    """
+    completion_mask = batch["completion_mask"]
+    labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
+    outputs = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=labels,
+        fused_lm_head=True,
+        use_cache=False,
+    )
+    mask = completion_mask[:, 1:]
+    length = mask.size(1)  # prompt-learning PEFT prepends virtual tokens: keep the last positions
+    log_probs = outputs.log_probs[:, -length:]
+    log_probs = log_probs.to(torch.promote_types(log_probs.dtype, torch.float32))  # sum half precision in float32
+    mask = mask.to(log_probs.dtype)
+    mean_entropy = (
+        mean_completion_entropy(outputs.entropy[:, -length:].detach(), mask)
+        if outputs.entropy is not None
+        else torch.zeros_like(log_probs[:, 0]).detach()
+    )
+    return CompletionScores(logps=(log_probs * mask).sum(-1), mean_entropy=mean_entropy, lengths=mask.sum(-1))
+
+
+def output_vocab_size(model: torch.nn.Module) -> int:
+    """V of eq. 11: the number of outputs of the LM head (the support of the entropy)."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None and head.weight.dim() == 2:
+        if head.weight.shape[0] > 0:  # ZeRO-3 shards parameters to empty tensors
+            return int(head.weight.shape[0])
+    return int(model.config.get_text_config().vocab_size)
+
+
+# ---------------------------------------------------------------------------------------
+# The pass
+# ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def compute_reference_columns(
+    model: torch.nn.Module,
+    dataset: datasets.Dataset,
+    collator: PreferenceCollator,
+    accelerator: Accelerator,
+    batch_size: int,
+    vocab_size: int,
+    reference_context: Callable[[], AbstractContextManager] = nullcontext,
+    desc: str = "reference pass",
+) -> dict[str, np.ndarray]:
+    """One pass of the reference model over ``dataset``; returns the ``REFERENCE_COLUMNS`` (N,) float64.
+
+    Batches are sharded over processes and gathered back in dataset order. Only (B,)
+    numbers per batch are kept. ``reference_context`` wraps each forward (e.g. a PEFT
+    model's ``disable_adapter``), so the policy can serve as its own reference.
+    """
+    loader = DataLoader(
+        dataset.select_columns(list(TOKEN_COLUMNS)),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collator,
+    )
+    loader = accelerator.prepare(loader)
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in REFERENCE_COLUMNS if name != "hbar"}
+    try:
+        for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process):
+            with reference_context(), accelerator.autocast():
+                scores = score_completions(model, batch)
+            chosen_logps, rejected_logps = split_pairs(scores.logps.double())
+            chosen_entropy, rejected_entropy = split_pairs(scores.mean_entropy.double())
+            stacked = torch.stack([chosen_logps, rejected_logps, chosen_entropy, rejected_entropy], dim=1)
+            stacked = accelerator.gather_for_metrics(stacked).cpu()
+            for i, name in enumerate(parts):
+                parts[name].append(stacked[:, i])
+    finally:
+        model.train(was_training)
+    columns = {name: torch.cat(values) for name, values in parts.items()}
+    columns["hbar"] = normalized_entropy(columns["ref_chosen_entropy"], columns["ref_rejected_entropy"], vocab_size)
+    return {name: values.numpy() for name, values in columns.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Cache key
+# ---------------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """``$MALLOWSPO_CACHE`` or ``~/.cache/mallowspo``."""
+    return Path(os.environ.get("MALLOWSPO_CACHE") or Path.home() / ".cache" / "mallowspo").expanduser()
+
+
+def token_fingerprint(dataset: datasets.Dataset, batch_size: int = 4096) -> str:
+    """SHA-256 of the token columns in row order: the exact tokens both passes see."""
+    digest = hashlib.sha256()
+    view = dataset.select_columns(list(TOKEN_COLUMNS)).with_format("arrow")
+    for start in range(0, len(dataset), batch_size):
+        table = view[start : start + batch_size]
+        for name in TOKEN_COLUMNS:
+            column = table.column(name).combine_chunks()
+            digest.update(name.encode())
+            digest.update(np.asarray(column.value_lengths(), dtype=np.int64).tobytes())
+            digest.update(np.asarray(column.flatten(), dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of the reference weights.
+
+    For a PEFT model the reference is the base model with the adapter disabled, so the
+    adapter's own tensors (named after the adapter, e.g. ``lora_A.default.weight``) are left out.
+    """
+    adapters = set(getattr(model, "peft_config", None) or ())
+    if not adapters:
+        return hash_module(model)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if adapters & set(name.split(".")):
+            continue
+        tensor = tensor.detach().cpu()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        if tensor.dtype not in (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.bool):
+            tensor = tensor.float()
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """SHA-256 of the vocabulary, the special tokens and the chat template."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": sorted(str(t) for t in tokenizer.all_special_tokens),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def reference_cache_key(
+    tokens: str, weights: str, tokenizer: str, data_settings: dict[str, Any], precision: str
+) -> tuple[str, dict[str, Any]]:
+    """The cache key (hex) and the components it hashes (stored next to the entry)."""
+    components = {
+        "format": CACHE_FORMAT_VERSION,
+        "tokens": tokens,
+        "weights": weights,
+        "tokenizer": tokenizer,
+        "data": data_settings,
+        "precision": precision,
+    }
+    key = hashlib.sha256(json.dumps(components, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return key, components
+
+
+# ---------------------------------------------------------------------------------------
+# Cache storage
+# ---------------------------------------------------------------------------------------
+
+
+def cache_dir_for(key: str, root: Path | None = None) -> Path:
+    return (root or cache_root()) / "reference" / key
+
+
+def read_cache(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached columns at ``path``, or None when there is no complete entry."""
+    if not (path / "meta.json").is_file():
+        return None
+    with np.load(path / "columns.npz") as stored:
+        return {name: stored[name] for name in REFERENCE_COLUMNS}
+
+
+def write_cache_atomically(path: Path, columns: dict[str, np.ndarray], components: dict[str, Any]) -> None:
+    """Write the entry into a temp dir, then rename it into place; an entry written
+    meanwhile by another process wins. A killed writer leaves only a ``.tmp-*`` dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        np.savez(tmp / "columns.npz", **columns)
+        meta = {"rows": int(len(columns["hbar"])), "components": components}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))  # written last: marks completeness
+        os.rename(tmp, path)
+    except OSError:
+        if not (path / "meta.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class ReferenceResult:
+    """The reference columns of one split and where they came from."""
+
+    columns: dict[str, np.ndarray]
+    cache_dir: Path
+    reused: bool
+
+
+def load_or_compute_reference_columns(
+    model: torch.nn.Module,
+    dataset: datasets.Dataset,
+    collator: PreferenceCollator,
+    accelerator: Accelerator,
+    *,
+    batch_size: int,
+    weights: str,
+    tokenizer: Any,
+    data_settings: dict[str, Any] | Any,
+    reference_context: Callable[[], AbstractContextManager] = nullcontext,
+    name: str = "train",
+) -> ReferenceResult:
+    """Reuse the cached reference columns for exactly this input, or compute and cache them.
+
+    ``weights`` is ``weights_fingerprint`` of the reference; ``data_settings`` the
+    tokenization settings (a dataclass such as ``DataConfig``, or a dict). The decision
+    is taken on the main process and shared, so all processes agree.
+    """
+    if dataclasses.is_dataclass(data_settings):
+        data_settings = dataclasses.asdict(data_settings)
+    key, components = reference_cache_key(
+        token_fingerprint(dataset), weights, tokenizer_fingerprint(tokenizer), data_settings,
+        str(accelerator.mixed_precision),
+    )
+    shared = [key, components]
+    broadcast_object_list(shared, from_process=0)
+    key, components = shared
+    path = cache_dir_for(key)
+
+    decision = [read_cache(path) is not None]
+    broadcast_object_list(decision, from_process=0)
+    if decision[0]:
+        columns = read_cache(path)
+        if columns is not None and len(columns["hbar"]) == len(dataset):
+            logger.info("reference pass (%s): reused the cache at %s (%d rows)", name, path, len(dataset))
+            return ReferenceResult(columns, path, reused=True)
+
+    logger.info("reference pass (%s): computing for %d rows (cache key %s)", name, len(dataset), key)
+    columns = compute_reference_columns(
+        model, dataset, collator, accelerator, batch_size, output_vocab_size(model),
+        reference_context=reference_context, desc=f"reference pass ({name})",
+    )
+    if accelerator.is_main_process:
+        write_cache_atomically(path, columns, components)
+        logger.info("reference pass (%s): cached at %s", name, path)
+    accelerator.wait_for_everyone()
+    return ReferenceResult(columns, path, reused=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Per-example dispersion records (dispersion.jsonl)
+# ---------------------------------------------------------------------------------------
+
+DISPERSION_RECORD_FIELDS = ("row_index", "prompt", "hbar", "neg_log_phi", "ref_chosen_entropy", "ref_rejected_entropy")
+
+
+def dispersion_records(dataset: datasets.Dataset) -> list[dict[str, Any]]:
+    """One record per pair with the fields of ``DISPERSION_RECORD_FIELDS`` that the dataset has."""
+    present = [name for name in DISPERSION_RECORD_FIELDS if name in dataset.column_names]
+    table = dataset.select_columns(present).to_dict()
+    return [{name: table[name][i] for name in present} for i in range(len(dataset))]
+
+
+def write_dispersion_jsonl(path: str | Path, dataset: datasets.Dataset) -> Path:
+    """Write ``dispersion_records(dataset)`` as JSON lines; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for record in dispersion_records(dataset):
+            f.write(json.dumps(record) + "\n")
+    return path
