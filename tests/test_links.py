@@ -231,3 +231,41 @@ def test_theorem1_tabular_optimal_policy_reproduces_preferences():
         delta = (log_pi[w] - np.log(pi_ref[w])) - (log_pi[l] - np.log(pi_ref[l]))
         implied = float(phi_link(torch.tensor(beta * delta, dtype=f64), phi))
         assert implied == pytest.approx(brute_force_marginal(n, phi, w, l), abs=1e-10)
+
+
+@pytest.mark.parametrize("phi", [0.05, 0.01, 1e-4])
+def test_phi_link_derivative_is_accurate_at_large_gaps(phi):
+    # Eq. 12 written as q'(a+1) - q'(a) cancels (both terms ~1) at large gaps; the
+    # derivative must match autograd of the log-space link and stay finite and positive.
+    L = torch.tensor(-math.log(phi), dtype=f64)
+    s = torch.tensor([-300.0, -40.0, -15.0, 15.0, 40.0, 300.0], dtype=f64, requires_grad=True)
+    log_g = log_phi_link(s, L)
+    (dlog_g,) = torch.autograd.grad(log_g.sum(), s)
+    derivative = phi_link_derivative(s.detach(), phi)
+    ratio = torch.exp(torch.log(derivative) - log_g.detach())  # g'/g, computed in log space where g' underflows
+    finite = derivative > 0
+    assert torch.allclose(ratio[finite], dlog_g[finite], rtol=1e-8)
+    from mallowspo.links import log_phi_link_derivative
+
+    log_ratio = log_phi_link_derivative(s.detach(), L) - log_g.detach()
+    assert torch.allclose(torch.exp(log_ratio), dlog_g, rtol=1e-8)
+
+
+@pytest.mark.parametrize("phi", [0.3, 0.05, 0.01, 1e-4])
+@pytest.mark.parametrize("eps", [0.1, "adaptive"])
+def test_cubic_patch_lower_half_has_no_cancellation(phi, eps):
+    # 1 - P(t) near t = eps is as small as 1 - g(eps); it must stay finite, match the
+    # exact link at the join, and have a continuous log-slope there.
+    L = torch.tensor(-math.log(phi), dtype=f64)
+    half = 2 * float(L) if eps == "adaptive" else eps
+    s = torch.tensor([-half, -half * (1 - 1e-7), -half * (1 + 1e-7)], dtype=f64, requires_grad=True)
+    out = log_cubic_smoothed_phi_link(s, L, eps)
+    assert bool(torch.isfinite(out).all())
+    assert float(out[0]) == pytest.approx(float(log_phi_link(torch.tensor(-half, dtype=f64), L)), rel=1e-9)
+    (grad,) = torch.autograd.grad(out.sum(), s)
+    assert bool(torch.isfinite(grad).all())
+    if eps == 0.1:
+        assert float(grad[1]) == pytest.approx(float(grad[2]), rel=1e-4)
+    # (With eps = -2 log phi and small phi the patch is still C1, but 1 - P(t) climbs from
+    # 1 - g(eps) ~ phi^{2L} by orders of magnitude just inside the join: log g bends sharply
+    # there. This is the shape of a cubic over [-2L, 2L], and one reason 0.1 is the default.)

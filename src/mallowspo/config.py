@@ -84,8 +84,8 @@ class MallowsPOConfig(TrainingArguments):
         metadata={"help": "Smoothing of the phi link near 0: cubic (C1 patch), sigmoid, or none (exact eq. 9)."},
     )
     smoothing_eps: str = field(
-        default="adaptive",
-        metadata={"help": "Half-width of the cubic patch: a number (paper: 0.1) or 'adaptive' (= -2 log phi(x))."},
+        default="0.1",
+        metadata={"help": "Half-width of the cubic patch: a number (default 0.1, the paper's) or 'adaptive' (= -2 log phi(x))."},
     )
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target margin gamma (reward units)."})
     length_normalize: bool | None = field(
@@ -130,7 +130,11 @@ class MallowsPOConfig(TrainingArguments):
         default=1024, metadata={"help": "Maximum prompt + completion tokens; null for no limit."}
     )
     max_prompt_length: int | None = field(
-        default=512, metadata={"help": "Maximum prompt tokens (the prompt is truncated first); null for no limit."}
+        default=512,
+        metadata={
+            "help": "Prompt budget in tokens; a longer prompt is never truncated silently: it is an error "
+            "(strict_validation) or a counted skip. null for no limit."
+        },
     )
     max_completion_length: int | None = field(
         default=None, metadata={"help": "Maximum completion tokens; null for no limit beyond max_length."}

@@ -122,33 +122,54 @@ def phi_link(s: torch.Tensor, phi: torch.Tensor | float) -> torch.Tensor:
     return torch.exp(log_phi_link(s, _as_neg_log_phi(phi, s))).to(s.dtype)
 
 
-def phi_link_derivative(s: torch.Tensor, phi: torch.Tensor | float) -> torch.Tensor:
-    """d g_phi / ds for s != 0, eq. 12 (the derivative is even in s):
+def _log_abs_b_prime(x: torch.Tensor) -> torch.Tensor:
+    """log |B'(x)| for x > 0, where B(x) = x / expm1(x) and r(a) = a / expm1(a L) = B(a L) / L.
 
-        g'(s) = q'(|s| + 1) - q'(|s|),  q'(a) = [1 - phi^a (1 + a L)] / (1 - phi^a)^2,  L = -log phi.
-
-    At s = 0 g jumps, and this function returns the one-sided limit q'(1) - q'(0+).
-    Evaluated in float64 with expm1 so that small a and phi near 1 are accurate.
+    |B'(x)| = e^{-x} (x - 1 + e^{-x}) / (1 - e^{-x})^2, decreasing from 1/2 at 0; near 0 the
+    series 1/2 - x/6 + x^3/180 - x^5/5040 avoids the cancellation in x - 1 + e^{-x}.
     """
-    neg_log_phi = _as_neg_log_phi(phi, s)
-    a, L = torch.broadcast_tensors(s.to(torch.float64).abs(), neg_log_phi)
+    small = x < 0.1
+    xs = torch.where(small, x, torch.zeros_like(x))
+    series = 0.5 - xs / 6.0 + xs.pow(3) / 180.0 - xs.pow(5) / 5040.0
+    xl = torch.where(small, torch.ones_like(x), x)
+    exact = -xl + torch.log(xl + torch.expm1(-xl)) - 2.0 * log1mexp(xl)
+    return torch.where(small, torch.log(series), exact)
+
+
+def log_phi_link_derivative(s: torch.Tensor, neg_log_phi: torch.Tensor) -> torch.Tensor:
+    """log g_phi'(s) for s != 0 (eq. 12; g' is even in s), float64, accurate for all s and L.
+
+    With a = |s|: g'(a) = r'(a + 1) - r'(a) = |B'(a L)| - |B'((a + 1) L)|, a difference of
+    positive terms of different size (ratio ~ phi for large a), evaluated in log space.
+    Near uniformity ((a + 1) L < 1e-3) the series L/6 - ((a + 1)^3 - a^3) L^3 / 180 is used.
+    At s = 0, where g jumps, the one-sided limit is returned. phi = 1 (L = 0) gives -inf
+    (g' = 0); phi = 0 (L = inf) is not supported here.
+    """
+    s, L = torch.broadcast_tensors(s.to(torch.float64), neg_log_phi.to(torch.float64))
+    a = s.abs()
     uniform = L <= 0.0
-    L = torch.where(uniform, torch.ones_like(L), L)
+    near_uniform = ((a + 1.0) * L < 1e-3) & ~uniform
+    a_series = torch.where(near_uniform, a, torch.zeros_like(a))
+    L_series = torch.where(near_uniform, L, torch.ones_like(L))
+    series = L_series / 6.0 - ((a_series + 1.0) ** 3 - a_series**3) * L_series**3 / 180.0
 
-    def q_prime(a: torch.Tensor) -> torch.Tensor:
-        x = a * L
-        one_minus_phi_a = -torch.expm1(-x)
-        # 1 - phi^a (1 + a L) and (1 - phi^a)^2 both vanish like x^2 as x -> 0: use the series there.
-        exact = (one_minus_phi_a - x * torch.exp(-x)) / one_minus_phi_a.pow(2)
-        return torch.where(x < 1e-3, _q_prime_series(x), exact)
+    far = ~near_uniform & ~uniform
+    a_exact = torch.where(far, a, torch.ones_like(a))
+    L_exact = torch.where(far, L.clamp(max=_MAX_NEG_LOG_PHI), torch.ones_like(L))
+    log_here = _log_abs_b_prime(a_exact * L_exact)
+    log_next = _log_abs_b_prime((a_exact + 1.0) * L_exact)
+    exact = log_here + log1mexp((log_here - log_next).clamp(min=1e-300))
+    out = torch.where(near_uniform, torch.log(series), exact)
+    return torch.where(uniform, torch.full_like(out, -math.inf), out)
 
-    out = q_prime(a + 1.0) - q_prime(a)
-    return torch.where(uniform, torch.zeros_like(out), out).to(s.dtype)
 
+def phi_link_derivative(s: torch.Tensor, phi: torch.Tensor | float) -> torch.Tensor:
+    """d g_phi / ds for s != 0, eq. 12: g'(s) = q'(|s| + 1) - q'(|s|), q(a) = a / (1 - phi^a).
 
-def _q_prime_series(x: torch.Tensor) -> torch.Tensor:
-    """q'(a) near x = a L = 0: d/dx [x / (1 - e^{-x})] = 1/2 + x/6 - x^3/180 + O(x^5)."""
-    return 0.5 + x / 6.0 - x.pow(3) / 180.0
+    Evaluated stably through ``log_phi_link_derivative`` (no cancellation at large |s| or
+    phi near 1). At s = 0, where g jumps, the one-sided limit q'(1) - q'(0+) is returned.
+    """
+    return torch.exp(log_phi_link_derivative(s, _as_neg_log_phi(phi, s))).to(s.dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -166,19 +187,23 @@ def log_sigmoid_smoothed_phi_link(s: torch.Tensor, neg_log_phi: torch.Tensor) ->
     return torch.nn.functional.logsigmoid(neg_log_phi.to(s.dtype) * s)
 
 
-def cubic_patch_coefficients(eps: torch.Tensor, neg_log_phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Coefficients (a3, a1) of P(s) = a3 s^3 + a1 s + 1/2 joining g_phi in C1 at +-eps.
+def cubic_patch_coefficients(
+    eps: torch.Tensor, neg_log_phi: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The cubic P(s) = a3 s^3 + a1 s + 1/2 joining g_phi in C1 at +-eps.
 
     a0 = 1/2 keeps P(s) + P(-s) = 1. Matching value G = g(eps) and slope D = g'(eps):
         a3 = (D eps - (G - 1/2)) / (2 eps^3),  a1 = D - 3 a3 eps^2.
-    Since g is increasing and concave on (0, inf), a1 > D > 0 and P is increasing.
-    Inputs float64, eps > 0.
+    g is increasing and concave on (0, inf), so a3 < 0 and a1 > D > 0: P is increasing.
+    Inputs float64, eps > 0. Returns (a3, a1, log(1 - G), D): the last two let the lower
+    half of the patch be evaluated without cancellation (see ``log_cubic_smoothed_phi_link``).
     """
-    G = torch.exp(log_phi_link(eps, neg_log_phi))
-    D = phi_link_derivative(eps, torch.exp(-neg_log_phi))
+    log_one_minus_G = log_phi_link(-eps, neg_log_phi)
+    G = -torch.expm1(log_one_minus_G)
+    D = torch.exp(log_phi_link_derivative(eps, neg_log_phi))
     a3 = (D * eps - (G - 0.5)) / (2.0 * eps.pow(3))
     a1 = D - 3.0 * a3 * eps.pow(2)
-    return a3, a1
+    return a3, a1, log_one_minus_G, D
 
 
 def smoothing_eps(neg_log_phi: torch.Tensor, eps: float | str) -> torch.Tensor:
@@ -197,21 +222,33 @@ def smoothing_eps(neg_log_phi: torch.Tensor, eps: float | str) -> torch.Tensor:
 
 
 def log_cubic_smoothed_phi_link(
-    s: torch.Tensor, neg_log_phi: torch.Tensor, eps: float | str = "adaptive"
+    s: torch.Tensor, neg_log_phi: torch.Tensor, eps: float | str = 0.1
 ) -> torch.Tensor:
     """Smoothing (ii): g_phi with a cubic patch P(s) on [-eps, eps] (C1 at +-eps).
 
     Differentiable everywhere, including s = 0, where P'(0) = a1 > 0. ``eps`` is a fixed
-    half-width (the paper suggests 0.1) or "adaptive" (eps = -2 log phi(x)).
+    half-width (the paper suggests 0.1; the default) or "adaptive" (eps = -2 log phi(x)).
+
+    On the lower half, s = -t with t in [0, eps], P(s) = 1 - P(t) is tiny when phi is small
+    and would cancel; it is evaluated as a sum of positive terms,
+        1 - P(t) = (1 - G) + (eps - t) [D - a3 (eps - t) (t + 2 eps)],   a3 < 0.
     Returns log g, in the dtype of ``s``.
     """
     s64, L = torch.broadcast_tensors(s.to(torch.float64), neg_log_phi.to(torch.float64))
     half_width = smoothing_eps(L, eps)
-    a3, a1 = cubic_patch_coefficients(half_width, L)
+    a3, a1, log_one_minus_G, D = cubic_patch_coefficients(half_width, L)
     inside = s64.abs() <= half_width
-    s_inside = torch.where(inside, s64, torch.zeros_like(s64))
+    s_in = torch.where(inside, s64, torch.zeros_like(s64))
+    # Signed arguments on each half (not |s|), so the slope at s = 0 is a1, not 0.
+    s_up = s_in.clamp(min=0.0)
+    upper = torch.log(a3 * s_up.pow(3) + a1 * s_up + 0.5)  # log P(s) for s >= 0, P in [1/2, G]
+    t = (-s_in).clamp(min=0.0)  # s = -t on the lower half
+    rest = (half_width - t) * (D - a3 * (half_width - t) * (t + 2.0 * half_width))
+    at_join = t >= half_width  # there use log(1 - G) itself, exact even where 1 - G underflows
+    one_minus_P = torch.where(at_join, torch.ones_like(rest), torch.exp(log_one_minus_G) + rest)
+    lower = torch.where(at_join, log_one_minus_G, torch.log(one_minus_P.clamp(min=1e-300)))  # log(1 - P(t))
+    patch = torch.where(s64 >= 0, upper, lower)
     s_outside = torch.where(inside, half_width, s64)  # keeps the unused branch away from the jump
-    patch = torch.log(a3 * s_inside.pow(3) + a1 * s_inside + 0.5)
     exact = log_phi_link(s_outside, L)
     return torch.where(inside, patch, exact).to(s.dtype)
 
@@ -220,7 +257,7 @@ PHI_SMOOTHINGS = ("cubic", "sigmoid", "none")
 
 
 def log_smoothed_phi_link(
-    s: torch.Tensor, neg_log_phi: torch.Tensor, smoothing: str = "cubic", eps: float | str = "adaptive"
+    s: torch.Tensor, neg_log_phi: torch.Tensor, smoothing: str = "cubic", eps: float | str = 0.1
 ) -> torch.Tensor:
     """log g for the phi link under a chosen smoothing: "cubic" (default), "sigmoid", or "none" (exact eq. 9)."""
     if smoothing == "cubic":

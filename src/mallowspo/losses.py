@@ -71,7 +71,7 @@ def check_loss_options(
     beta: float,
     label_smoothing: float = 0.0,
     phi_smoothing: str = "cubic",
-    smoothing_eps: float | str = "adaptive",
+    smoothing_eps: float | str = 0.1,
 ) -> None:
     """Raise ValueError naming the problem for any invalid combination of loss options."""
     if loss_type not in LOSS_TYPES:
@@ -139,7 +139,7 @@ def preference_loss(
     mallows: str = "none",
     neg_log_phi: torch.Tensor | None = None,
     phi_smoothing: str = "cubic",
-    smoothing_eps: float | str = "adaptive",
+    smoothing_eps: float | str = 0.1,
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
     chosen_lengths: torch.Tensor | None = None,
@@ -157,7 +157,7 @@ def preference_loss(
         mallows: "none", "theta" or "phi".
         neg_log_phi: (B,) estimates of -log phi(x) >= 0; required for theta and phi.
         phi_smoothing: "cubic" (default), "sigmoid" or "none" (exact eq. 9; no gradient at Delta = 0).
-        smoothing_eps: half-width of the cubic patch: a number, or "adaptive" (= -2 log phi(x)).
+        smoothing_eps: half-width of the cubic patch: a number (default 0.1), or "adaptive" (= -2 log phi(x)).
         label_smoothing: eps of cDPO (sigmoid) and robust DPO.
         simpo_gamma: SimPO target margin gamma (in reward units, i.e. already times beta).
         chosen_lengths, rejected_lengths: (B,) completion token counts, for length normalisation.
@@ -196,12 +196,15 @@ def preference_loss(
         losses = torch.relu(1.0 - z)
     else:
         log_p_chosen = _log_link(z, mallows, neg_log_phi, phi_smoothing, smoothing_eps)
-        log_p_rejected = _log_link(-z, mallows, neg_log_phi, phi_smoothing, smoothing_eps)
         eps = label_smoothing
-        if loss_type == "robust":
-            losses = (-(1.0 - eps) * log_p_chosen + eps * log_p_rejected) / (1.0 - 2.0 * eps)
-        else:  # sigmoid, simpo: conservative label smoothing (cDPO) when eps > 0
-            losses = -(1.0 - eps) * log_p_chosen - eps * log_p_rejected
+        if eps == 0.0:
+            losses = -log_p_chosen
+        else:
+            log_p_rejected = _log_link(-z, mallows, neg_log_phi, phi_smoothing, smoothing_eps)
+            if loss_type == "robust":
+                losses = (-(1.0 - eps) * log_p_chosen + eps * log_p_rejected) / (1.0 - 2.0 * eps)
+            else:  # sigmoid, simpo: conservative label smoothing (cDPO)
+                losses = -(1.0 - eps) * log_p_chosen - eps * log_p_rejected
 
     return PreferenceLossOutput(
         losses=losses,
