@@ -1,0 +1,244 @@
+"""Shared pieces of the benchmark harness: the workload, the on-disk assets every system
+loads (one random-init Llama, one word-level tokenizer, one preference data set), and the
+small measurement helpers (threads, device, peak memory).
+
+Every system measured by ``run.py`` reads the same assets, so all of them train the same
+weights on the same tokens with the same settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import resource
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+PAD, EOS, BOS = "<|pad|>", "<|end|>", "<|begin|>"
+SPECIALS = (PAD, EOS, BOS)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One model + data shape. Every system in a run is measured on the same Workload."""
+
+    vocab_size: int = 32768
+    hidden_size: int = 256
+    intermediate_size: int = 704
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 4
+    prompt_len: int = 64  # tokens, every prompt
+    response_len: int = 128  # tokens, every chosen and rejected response, EOS included
+    batch_pairs: int = 4  # preference pairs per optimizer step (2x sequences per forward)
+    n_pairs: int = 16  # distinct pairs in the data set (4 batches); the trainers cycle over it
+    learning_rate: float = 1e-6
+    beta: float = 0.1
+    phi_star: float = 0.29  # fixed dispersion normalisation (the authors' constant), same for all
+    seed: int = 0
+
+    @property
+    def max_length(self) -> int:
+        return self.prompt_len + self.response_len
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return f"v{self.vocab_size}_p{self.prompt_len}_r{self.response_len}_" + hashlib.sha1(blob).hexdigest()[:8]
+
+    def describe(self) -> str:
+        return (
+            f"Llama, vocab {self.vocab_size}, hidden {self.hidden_size}, {self.num_layers} layers, "
+            f"{self.num_heads} heads, MLP {self.intermediate_size}, untied LM head; "
+            f"{self.batch_pairs} pairs/step (= {2 * self.batch_pairs} sequences of "
+            f"{self.prompt_len} prompt + {self.response_len} response tokens)"
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Workload":
+        return cls(**data)
+
+    def with_(self, **changes) -> "Workload":
+        return replace(self, **changes)
+
+
+@dataclass
+class Settings:
+    """How a run measures (same for every system of the run)."""
+
+    device: str = "cpu"  # "cpu" or "cuda"
+    dtype: str = "fp32"  # "fp32" (no autocast) or "bf16" (autocast, fp32 master weights)
+    threads: int = 1
+    steps: int = 20
+    warmup: int = 3
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Settings":
+        return cls(**data)
+
+
+# ----------------------------------------------------------------------------- assets
+
+
+def word(token_id: int) -> str:
+    """The text of a non-special token id in the benchmark tokenizer."""
+    return f"w{token_id}"
+
+
+def build_tokenizer(vocab_size: int):
+    """A word-level tokenizer: id i <-> the word ``w{i}``, specials first, no BOS/EOS added
+    automatically. Text made of such words tokenizes to exactly the ids it was made from."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {s: i for i, s in enumerate(SPECIALS)}
+    for i in range(len(SPECIALS), vocab_size):
+        vocab[word(i)] = i
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=PAD))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token=PAD, eos_token=EOS, bos_token=BOS, model_max_length=1 << 20
+    )
+
+
+def make_pairs(w: Workload) -> list[dict]:
+    """Token-id preference pairs with exact lengths: prompt_len prompt tokens; chosen and
+    rejected of response_len tokens each, the last one EOS. Ids avoid the special tokens."""
+    rng = random.Random(w.seed)
+    eos_id = SPECIALS.index(EOS)
+    lo, hi = len(SPECIALS), w.vocab_size - 1
+
+    def ids(n):
+        return [rng.randint(lo, hi) for _ in range(n)]
+
+    pairs = []
+    for _ in range(w.n_pairs):
+        chosen, rejected = ids(w.response_len - 1) + [eos_id], ids(w.response_len - 1) + [eos_id]
+        if chosen == rejected:  # astronomically unlikely; keep the data valid anyway
+            rejected[0] = lo + (rejected[0] - lo + 1) % (hi - lo + 1)
+        pairs.append({"prompt_ids": ids(w.prompt_len), "chosen_ids": chosen, "rejected_ids": rejected})
+    return pairs
+
+
+def pair_text(pair: dict) -> dict:
+    """The standard-format text row of a token-id pair (TRL concatenates prompt + completion,
+    so completions start with a space). Completions already end with the EOS token."""
+
+    def text(ids):
+        return " ".join(EOS if i == SPECIALS.index(EOS) else word(i) for i in ids)
+
+    return {
+        "prompt": text(pair["prompt_ids"]),
+        "chosen": " " + text(pair["chosen_ids"]),
+        "rejected": " " + text(pair["rejected_ids"]),
+    }
+
+
+def build_assets(w: Workload, root: Path) -> Path:
+    """Write model (random init, saved with save_pretrained), tokenizer and data for ``w``
+    under ``root/<w.key()>`` once; return that directory."""
+    out = Path(root) / w.key()
+    if (out / "DONE").exists():
+        return out
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(w.vocab_size)
+    config = LlamaConfig(
+        vocab_size=w.vocab_size,
+        hidden_size=w.hidden_size,
+        intermediate_size=w.intermediate_size,
+        num_hidden_layers=w.num_layers,
+        num_attention_heads=w.num_heads,
+        num_key_value_heads=w.num_kv_heads,
+        max_position_embeddings=max(2048, w.max_length),
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    torch.manual_seed(w.seed)
+    model = LlamaForCausalLM(config)
+    # A random-init head gives near-uniform next-token distributions; a larger output scale
+    # makes them peaked enough that entropies, log-ratios and the dispersion are not degenerate.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(out / "model", safe_serialization=True)
+    tokenizer.save_pretrained(out / "model")
+
+    pairs = make_pairs(w)
+    with open(out / "pairs.json", "w") as f:
+        json.dump(pairs, f)
+    with open(out / "data.jsonl", "w") as f:
+        for pair in pairs:
+            f.write(json.dumps(pair_text(pair)) + "\n")
+
+    # The text must tokenize back to exactly the ids (what TRL and mallowspo will see).
+    row, pair = pair_text(pairs[0]), pairs[0]
+    assert tokenizer(row["prompt"]).input_ids == pair["prompt_ids"]
+    assert tokenizer(row["prompt"] + row["chosen"]).input_ids == pair["prompt_ids"] + pair["chosen_ids"]
+    (out / "DONE").write_text("ok\n")
+    return out
+
+
+# ----------------------------------------------------------------------------- measurement helpers
+
+
+def configure_threads(threads: int) -> None:
+    """Same intra-op thread count in every worker (the env vars are set by run.py too)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already set (in-process smoke runs)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return os.cpu_count() or 1
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far (MiB)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024.0 if sys.platform != "darwin" else peak / 2**20
+
+
+def current_rss_mib() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def batch_fingerprint(input_ids, completion_mask) -> dict:
+    """Shape and checksums of a concatenated batch, to check every system saw the same tokens."""
+    ids = input_ids.detach().cpu().long()
+    mask = completion_mask.detach().cpu().long()
+    return {
+        "shape": list(ids.shape),
+        "id_sum": int(ids.sum()),
+        "completion_tokens": int(mask.sum()),
+        "completion_id_sum": int((ids * mask).sum()),
+    }

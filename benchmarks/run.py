@@ -1,0 +1,656 @@
+"""MallowsPO vs TRL DPO vs a naive MallowsPO vs the bare training floor, side by side.
+
+    .venv/bin/python benchmarks/run.py --out benchmarks/RESULTS.md      # full run (make bench)
+    .venv/bin/python benchmarks/run.py --quick --out /tmp/quick.md       # smaller grid, fewer steps
+    .venv/bin/python benchmarks/run.py --smoke --out /tmp/smoke.md       # tiny sizes, for tests
+
+Every system trains the same random-init Llama (one set of weights saved to disk) on the
+same token data with the same settings. Each measurement runs in a fresh subprocess
+(worker.py), so peak memory is per system. Systems are interleaved: in each round every
+system is measured once, and the order is reversed from one round to the next, so a slow
+patch of the machine hits all systems alike. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import Settings, Workload, available_cores, build_assets, median  # noqa: E402
+
+MAIN_SYSTEMS = (
+    "trl_dpo_pre", "mpo_none_pre", "mpo_theta_pre", "mpo_phi_pre", "floor",
+    "trl_dpo", "mpo_none", "mpo_theta", "mpo_phi", "naive", "refpass",
+)
+SCALING_SYSTEMS = ("trl_dpo_pre", "mpo_phi_pre", "naive", "floor", "refpass")
+
+LABELS = {
+    "trl_dpo": "TRL DPOTrainer",
+    "trl_dpo_pre": "TRL DPOTrainer, precomputed ref",
+    "mpo_none": "mallowspo mallows=none",
+    "mpo_none_pre": "mallowspo mallows=none, precomputed ref",
+    "mpo_theta": "mallowspo mallows=theta",
+    "mpo_theta_pre": "mallowspo mallows=theta, precomputed ref",
+    "mpo_phi": "mallowspo mallows=phi",
+    "mpo_phi_pre": "mallowspo mallows=phi, precomputed ref",
+    "naive": "naive MallowsPO-theta (full logits + entropy every step)",
+    "floor": "floor: policy fwd+bwd, plain CE, AdamW",
+}
+
+# Presets: the main workload and how it is measured, the scaling grid and its measurement.
+PRESETS = {
+    "full": dict(
+        workload=Workload(),
+        steps=20, warmup=3, rounds=2,
+        vocab_grid=(8192, 32768, 131072), length_grid=(64, 128, 256),
+        scaling_steps=8, scaling_warmup=2, scaling_rounds=1,
+        refpass_repeats=3, scaling_refpass_repeats=2, one_process=False,
+    ),
+    "quick": dict(
+        workload=Workload(),
+        steps=8, warmup=2, rounds=1,
+        vocab_grid=(8192, 32768), length_grid=(64, 128),
+        scaling_steps=4, scaling_warmup=1, scaling_rounds=1,
+        refpass_repeats=2, one_process=False,
+    ),
+    "smoke": dict(
+        workload=Workload(
+            vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=2,
+            prompt_len=8, response_len=8, batch_pairs=2, n_pairs=8,
+        ),
+        steps=2, warmup=1, rounds=1,
+        vocab_grid=(256, 512), length_grid=(4, 8),
+        scaling_steps=2, scaling_warmup=1, scaling_rounds=1,
+        refpass_repeats=1, one_process=True,  # one worker process for everything: start-up dominates
+        threads=1,
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- running jobs
+
+
+def worker_env(threads: int, tmp: Path) -> dict:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_CACHE=str(tmp / "hf-datasets"),
+        MALLOWSPO_CACHE=str(tmp / "mallowspo-cache"),
+        TQDM_DISABLE="1",
+        PYTHONHASHSEED="0",
+        TRANSFORMERS_VERBOSITY="error",
+        PYTHONWARNINGS="ignore",
+    )
+    src = HERE.parent / "src"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(src), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def run_jobs(jobs: list[dict], tmp: Path, threads: int, timeout: float, log) -> list[dict]:
+    """Run ``jobs`` in one fresh worker process; return one entry per job (result or error)."""
+    tag = jobs[0]["tag"] if len(jobs) == 1 else f"batch-{len(jobs)}"
+    jobs_file, results_file = tmp / f"{tag}.jobs.json", tmp / f"{tag}.results.json"
+    log_file = tmp / "logs" / f"{tag}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    jobs_file.write_text(json.dumps(jobs))
+    results_file.unlink(missing_ok=True)
+    start = time.perf_counter()
+    with open(log_file, "w") as out:
+        try:
+            proc = subprocess.run(
+                [sys.executable, str(HERE / "worker.py"), str(jobs_file), str(results_file)],
+                stdout=out, stderr=subprocess.STDOUT, env=worker_env(threads, tmp), timeout=timeout,
+            )
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    wall = time.perf_counter() - start
+    entries = json.loads(results_file.read_text()) if results_file.exists() else []
+    done = {e["tag"] for e in entries}
+    tail = log_file.read_text()[-3000:] if log_file.exists() else ""
+    for job in jobs:
+        if job["tag"] not in done:
+            entries.append({"system": job["system"], "tag": job["tag"], "error": f"worker exit {code}; log tail:\n{tail}"})
+    for entry in entries:
+        entry["wall_s"] = wall if len(jobs) == 1 else entry.get("job_wall_s", wall / len(jobs))
+        status = "error" if "error" in entry else f"{entry['result'].get('median_step_s') or 0:.4f} s/step"
+        log(f"  {entry['tag']:<40} {status}  ({entry['wall_s']:.0f} s)")
+    return entries
+
+
+def schedule(systems, rounds: int, make_job) -> list[dict]:
+    """Round r measures every system once; odd rounds run in reverse order (ABBA)."""
+    jobs = []
+    for r in range(rounds):
+        order = systems if r % 2 == 0 else tuple(reversed(systems))
+        for system in order:
+            jobs.append(make_job(system, r))
+    return jobs
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def by_system(entries: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for e in sorted(entries, key=lambda e: e.get("round", 0)):
+        out.setdefault(e["system"], []).append(e)
+    return out
+
+
+def summarise(entries: list[dict], device: str) -> dict[str, dict]:
+    """Per system: pooled median step time, per-round medians, peak memory (median over rounds)."""
+    mem_key = "peak_cuda_mib" if device == "cuda" else "peak_rss_mib"
+    summary = {}
+    for system, runs in by_system(entries).items():
+        ok = [r for r in runs if "result" in r]
+        info = {"runs": len(runs), "errors": [r["error"] for r in runs if "error" in r]}
+        if system == "refpass":
+            info["with_entropy_pairs_per_s"] = median([r["result"]["with_entropy_pairs_per_s"] for r in ok])
+            info["without_entropy_pairs_per_s"] = median([r["result"]["without_entropy_pairs_per_s"] for r in ok])
+            # each with/without pair ran back to back: the ratio of each pair, median per measurement
+            info["round_ratio"] = [median(r["result"]["round_ratios"]) for r in ok]
+            info["pair_ratios"] = [x for r in ok for x in r["result"]["round_ratios"]]
+            info["logps_match"] = all(r["result"]["logps_match"] for r in ok)
+        else:
+            pooled = [t for r in ok for t in r["result"]["step_times"]]
+            info["median_step_s"] = median(pooled)
+            # by round (None where that round's measurement failed), so ratios pair the same rounds
+            info["round_medians"] = [r["result"]["median_step_s"] if "result" in r else None for r in runs]
+            info["n_steps"] = len(pooled)
+            info["peak_mib"] = median([r["result"][mem_key] for r in ok])
+            info["rss_before_train_mib"] = median([r["result"]["rss_before_train_mib"] for r in ok])
+            info["batch"] = ok[0]["result"]["batch"] if ok else None
+            info["holds_ref_model"] = ok[0]["result"]["holds_ref_model"] if ok else None
+        summary[system] = info
+    return summary
+
+
+def paired_ratio(summary: dict, a: str, b: str):
+    """Step-time ratio a/b: the median of the per-round ratios (each round measures both
+    systems close in time), with the per-round values as the spread."""
+    if a not in summary or b not in summary:
+        return None, []
+    ra, rb = summary[a].get("round_medians", []), summary[b].get("round_medians", [])
+    rounds = [x / y for x, y in zip(ra, rb) if x is not None and y]
+    return median(rounds), rounds
+
+
+def memory_ratio(summary: dict, a: str, b: str):
+    pa, pb = summary.get(a, {}).get("peak_mib"), summary.get(b, {}).get("peak_mib")
+    return (pa / pb) if pa and pb else None
+
+
+def targets(summary: dict) -> list[dict]:
+    """The issue's targets, each as a row: what, value, target, PASS/FAIL, spread."""
+    rows = []
+
+    def add(what, value, op, bound, spread=(), note=""):
+        if value is None:
+            verdict = "n/a"
+        else:
+            verdict = "PASS" if (value <= bound if op == "<=" else value >= bound) else "FAIL"
+        rows.append(dict(what=what, value=value, target=f"{op} {bound:.2f}", verdict=verdict, spread=list(spread), note=note))
+
+    for pre, tag in (("_pre", "precomputed ref"), ("", "ref per step")):
+        for variant in ("theta", "phi", "none"):
+            value, spread = paired_ratio(summary, f"mpo_{variant}{pre}", f"trl_dpo{pre}")
+            add(f"step time: mallowspo {variant} / TRL DPO ({tag})", value, "<=", 1.00, spread,
+                "plain DPO in mallowspo" if variant == "none" else "")
+    for pre, tag in (("_pre", "precomputed ref"), ("", "ref per step")):
+        for variant in ("theta", "phi", "none"):
+            a, b = summary.get(f"mpo_{variant}{pre}", {}), summary.get(f"trl_dpo{pre}", {})
+            diff = (a["peak_mib"] - b["peak_mib"]) if a.get("peak_mib") and b.get("peak_mib") else None
+            add(f"peak memory: mallowspo {variant} / TRL DPO ({tag})",
+                memory_ratio(summary, f"mpo_{variant}{pre}", f"trl_dpo{pre}"), "<=", 1.00,
+                note=f"{diff:+.0f} MiB" if diff is not None else "")
+    ref = summary.get("refpass", {})
+    add("reference pass time: with entropy / without", median(ref.get("round_ratio") or []), "<=", 1.05,
+        ref.get("pair_ratios") or [],
+        "mallowspo.reference.compute_reference_columns")
+    for pre, tag in (("_pre", "precomputed ref"), ("", "ref per step")):
+        for variant in ("theta", "phi"):
+            value, spread = paired_ratio(summary, "naive", f"mpo_{variant}{pre}")
+            add(f"speed-up over naive: naive / mallowspo {variant} ({tag})", value, ">=", 1.50, spread)
+    for system in ("mpo_theta_pre", "mpo_phi_pre", "trl_dpo_pre"):
+        value, spread = paired_ratio(summary, system, "floor")
+        label = "TRL DPO" if system.startswith("trl") else f"mallowspo {system.split('_')[1]}"
+        add(f"step time / floor: {label} (precomputed ref)", value, "<=", 1.15, spread,
+            "reference only, not a mallowspo target" if system.startswith("trl") else "")
+    return rows
+
+
+def flops_per_token(w: Workload) -> float:
+    """Matmul FLOPs per token of a forward (weights only): the layers plus the LM head."""
+    layer = 2 * w.hidden_size * w.hidden_size * (1 + 2 * w.num_kv_heads / w.num_heads + 1)
+    layer += 3 * w.hidden_size * w.intermediate_size
+    return 2 * (w.num_layers * layer + w.hidden_size * w.vocab_size)
+
+
+def cost_factor(w: Workload, main: Workload) -> float:
+    """How much a step at ``w`` costs relative to ``main`` (tokens x FLOPs per token)."""
+    return (w.max_length * flops_per_token(w)) / (main.max_length * flops_per_token(main))
+
+
+def fit_scaling_steps(main_entries, main: Workload, main_warmup, points, steps, warmup, rounds, seconds_left):
+    """The most timed steps (<= ``steps``, >= 3) whose estimated scaling time fits in
+    ``seconds_left``, from the main table's per-system step times and fixed overheads."""
+    step_s, overhead = {}, {}
+    for e in main_entries:
+        if "result" not in e:
+            continue
+        r = e["result"]
+        if e["system"] == "refpass":
+            overhead["refpass"] = e["wall_s"]
+            continue
+        n = len(r["step_times"]) + main_warmup
+        step_s[e["system"]] = r["median_step_s"]
+        overhead[e["system"]] = max(e["wall_s"] - n * r["median_step_s"], 0.0)
+
+    def estimate(n_steps):
+        total = 0.0
+        for w in points:
+            factor = cost_factor(w, main)
+            for system in SCALING_SYSTEMS:
+                if system == "refpass":
+                    total += overhead.get("refpass", 0.0) * max(factor, 1.0)
+                elif system in step_s:
+                    total += overhead[system] * max(factor, 1.0) + (warmup + n_steps) * step_s[system] * factor
+        return total * rounds
+
+    lowest = min(3, steps)
+    for n in range(steps, lowest - 1, -1):
+        if estimate(n) <= seconds_left:
+            return n, estimate(n)
+    return lowest, estimate(lowest)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def machine_info(device: str) -> dict:
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "available_cores": available_cores(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    import torch
+
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["gpu_mem_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    return info
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "trl", "accelerate", "datasets", "mallowspo"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=HERE.parent, capture_output=True, text=True)
+        if rev.returncode == 0:
+            out["mallowspo"] += f" (git {rev.stdout.strip()}{', src modified' if dirty.stdout.strip() else ''})"
+    except OSError:
+        pass
+    return out
+
+
+def fmt(value, digits=3, suffix=""):
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def render(meta: dict, main: dict, rows: list[dict], scaling: list[dict]) -> str:
+    device, mem_name = meta["settings"]["device"], ("peak CUDA allocated" if meta["settings"]["device"] == "cuda" else "peak RSS")
+    L = []
+    L.append("# Benchmarks: MallowsPO vs TRL DPO, naive MallowsPO and the training floor\n")
+    L.append(f"Generated by `benchmarks/run.py{meta['argv']}` on {meta['date']} in {meta['total_s'] / 60:.1f} min. "
+             "How it is measured: `benchmarks/README.md`.\n")
+    if meta["preset"] != "full":
+        L.append(f"> **{meta['preset']} run**: reduced sizes/steps; not the reference numbers.\n")
+    load = meta["loadavg"]
+    if load and max(load["start"][0], load["end"][0]) > meta["settings"]["threads"] + 0.5:
+        L.append(f"> **Warning: the machine was busy** (1-min load average {load['start'][0]:.1f} at start, "
+                 f"{load['end'][0]:.1f} at end, for {meta['settings']['threads']} benchmark threads): "
+                 "absolute times are inflated and ratios are noisier than usual.\n")
+    m, v, s = meta["machine"], meta["versions"], meta["settings"]
+    L.append("## Machine and software\n")
+    L.append(f"- CPU: {m['cpu']}, {m['available_cores']} cores available ({m['logical_cpus']} logical), RAM {m['ram_gib']} GiB")
+    L.append(f"- GPU: {m.get('gpu', 'none')}" + (f" ({m['gpu_mem_gib']} GiB)" if "gpu" in m else ""))
+    L.append(f"- {m['platform']}, Python {m['python']}")
+    L.append("- " + ", ".join(f"{k} {val}" for k, val in v.items()))
+    L.append(f"- device {device}, {'bf16 autocast (fp32 master weights)' if s['dtype'] == 'bf16' else 'fp32'}, "
+             f"torch threads {s['threads']}; load average at start {fmt(load['start'][0], 2) if load else 'n/a'}, "
+             f"at end {fmt(load['end'][0], 2) if load else 'n/a'}\n")
+    w = meta["workload"]
+    L.append("## Workload\n")
+    L.append(f"- {Workload.from_dict(w).describe()}; {w['n_pairs']} distinct pairs, cycled")
+    L.append(f"- AdamW lr {w['learning_rate']}, constant schedule, no weight decay, grad-norm clip 1.0, no gradient "
+             f"checkpointing, beta {w['beta']}, sigmoid (DPO) base loss; dispersion phi* fixed at {w['phi_star']} "
+             "for mallowspo and the naive baseline alike")
+    L.append(f"- main table: median seconds per optimizer step over {s['steps']} steps after {s['warmup']} warm-up "
+             f"steps, in each of {meta['rounds']} round(s) (ABBA order), pooled; every measurement in a fresh process\n")
+
+    L.append("## Targets\n")
+    L.append("| check | value | target | result | per-round values | note |")
+    L.append("| --- | ---: | ---: | :---: | --- | --- |")
+    for r in rows:
+        L.append(f"| {r['what']} | {fmt(r['value'], 3)} | {r['target']} | **{r['verdict']}** | "
+                 f"{', '.join(f'{x:.3f}' for x in r['spread'])} | {r['note']} |")
+    L.append("")
+
+    L.append("## Step time and memory (main workload)\n")
+    L.append(f"| system | s/step (median) | per-round medians | steps | {mem_name} (MiB) | RSS at train start (MiB) | ref model in memory | / floor | / TRL (same ref setting) |")
+    L.append("| --- | ---: | --- | ---: | ---: | ---: | :---: | ---: | ---: |")
+    for system in MAIN_SYSTEMS:
+        info = main.get(system)
+        if system == "refpass" or info is None:
+            continue
+        if info.get("errors") and not info.get("n_steps"):
+            L.append(f"| {LABELS[system]} | error | | | | | | | |")
+            continue
+        floor_ratio, _ = paired_ratio(main, system, "floor")
+        trl = "trl_dpo_pre" if system.endswith("_pre") else "trl_dpo"
+        trl_ratio = paired_ratio(main, system, trl)[0] if system.startswith("mpo") else None
+        L.append(
+            f"| {LABELS[system]} | {fmt(info['median_step_s'], 4)} | {', '.join(fmt(x, 4) for x in info['round_medians'])} | "
+            f"{info['n_steps']} | {fmt(info['peak_mib'], 0)} | {fmt(info['rss_before_train_mib'], 0)} | "
+            f"{'yes' if info['holds_ref_model'] else 'no'} | {fmt(floor_ratio, 2)} | {fmt(trl_ratio, 3)} |"
+        )
+    L.append("")
+    ref = main.get("refpass")
+    if ref:
+        L.append("## Reference pass throughput (main workload)\n")
+        L.append("`mallowspo.reference.compute_reference_columns` over the data set, batch "
+                 f"{w['batch_pairs']} pairs; the two variants alternate in one process on two copies of the weights.\n")
+        L.append("| variant | pairs/s | time ratio to without |")
+        L.append("| --- | ---: | ---: |")
+        L.append(f"| log-probs only (what TRL's reference pass computes) | {fmt(ref.get('without_entropy_pairs_per_s'), 1)} | 1.000 |")
+        L.append(f"| log-probs + entropy statistic (mallowspo) | {fmt(ref.get('with_entropy_pairs_per_s'), 1)} | "
+                 f"{fmt(median(ref.get('round_ratio') or []), 3)} |")
+        L.append(f"\nReference log-probs identical with and without the entropy: {ref.get('logps_match')}.\n")
+
+    if scaling:
+        L.append("## Scaling (reduced set of systems, precomputed reference)\n")
+        L.append(f"{meta['scaling_desc']}\n")
+        L.append(f"| vocab | response tokens | TRL DPO s/step | mallowspo phi s/step | naive s/step | floor s/step | "
+                 f"phi / TRL | naive / phi | phi / floor | {mem_name} TRL / phi / naive / floor (MiB) | phi / TRL memory | ref pass +entropy / without |")
+        L.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
+        for row in scaling:
+            sm = row["summary"]
+
+            def st(name):
+                return fmt(sm.get(name, {}).get("median_step_s"), 4)
+
+            mems = " / ".join(fmt(sm.get(n, {}).get("peak_mib"), 0) for n in ("trl_dpo_pre", "mpo_phi_pre", "naive", "floor"))
+            L.append(
+                f"| {row['vocab_size']} | {row['response_len']} | {st('trl_dpo_pre')} | {st('mpo_phi_pre')} | {st('naive')} | "
+                f"{st('floor')} | {fmt(paired_ratio(sm, 'mpo_phi_pre', 'trl_dpo_pre')[0], 3)} | "
+                f"{fmt(paired_ratio(sm, 'naive', 'mpo_phi_pre')[0], 2)} | {fmt(paired_ratio(sm, 'mpo_phi_pre', 'floor')[0], 2)} | "
+                f"{mems} | {fmt(memory_ratio(sm, 'mpo_phi_pre', 'trl_dpo_pre'), 3)} | "
+                f"{fmt(median(sm.get('refpass', {}).get('round_ratio') or []), 3)} |"
+            )
+        L.append("")
+
+    errors = [(e["tag"], e["error"]) for e in meta["entries"] if "error" in e]
+    if errors:
+        L.append("## Errors\n")
+        for tag, err in errors:
+            L.append(f"### {tag}\n\n```\n{err[-2000:]}\n```\n")
+    L.append("## Budget\n")
+    L.append(f"Total {meta['total_s'] / 60:.1f} min; per measurement (process start, setup, warm-up and timed steps):\n")
+    L.append("| measurement | wall s |")
+    L.append("| --- | ---: |")
+    for e in meta["entries"]:
+        L.append(f"| {e['tag']} | {e['wall_s']:.0f} |")
+    L.append("")
+    return "\n".join(L)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def resolve_device(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=str(HERE / "RESULTS.md"), help="Markdown report (raw results go next to it as .json)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer steps, one round, smaller scaling grid")
+    mode.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; for tests (numbers meaningless)")
+    p.add_argument("--steps", type=int, help="timed steps per measurement (main table)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up steps per measurement (main table)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds of the main table")
+    p.add_argument("--scaling-steps", type=int, help="timed steps per scaling measurement")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto: fp32 on CPU, bf16 autocast on GPU")
+    p.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: available cores)")
+    p.add_argument("--systems", help="comma-separated subset of the main systems (development)")
+    p.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
+    p.add_argument("--profile", default="", help="comma-separated systems to profile (torch.profiler op tables "
+                   "written next to --out as <out>.profile-<system>.txt)")
+    p.add_argument("--workdir", help="keep assets and worker logs here (default: a temporary directory)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
+    p.add_argument("--isolate", action="store_true",
+                   help="with --smoke: one process per measurement as in full runs (slower)")
+    p.add_argument("--budget-min", type=float, default=40.0,
+                   help="total minutes to aim for: the scaling steps are lowered (not below 3) to fit what the main "
+                   "table left; --scaling-steps overrides")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    preset_name = "smoke" if args.smoke else "quick" if args.quick else "full"
+    preset = PRESETS[preset_name]
+    device = resolve_device(args.device)
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
+    threads = args.threads or preset.get("threads") or available_cores()
+    steps = args.steps or preset["steps"]
+    warmup = args.warmup if args.warmup is not None else preset["warmup"]
+    rounds = args.rounds or preset["rounds"]
+    scaling_steps = args.scaling_steps or preset["scaling_steps"]
+    workload: Workload = preset["workload"]
+    main_systems = tuple(args.systems.split(",")) if args.systems else MAIN_SYSTEMS
+    unknown = set(main_systems) - set(MAIN_SYSTEMS)
+    if unknown:
+        raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {MAIN_SYSTEMS}")
+    profile = {s for s in args.profile.split(",") if s}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mallowspo-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    t_start = time.perf_counter()
+    load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
+    settings = Settings(device=device, dtype=dtype, threads=threads, steps=steps, warmup=warmup,
+                        extra={"refpass_repeats": preset["refpass_repeats"]})
+    scaling_settings = Settings(
+        device=device, dtype=dtype, threads=threads, steps=scaling_steps, warmup=preset["scaling_warmup"],
+        extra={"refpass_repeats": preset.get("scaling_refpass_repeats", preset["refpass_repeats"])},
+    )
+
+    # Workloads: the main one and the scaling grid (vocab sweep at the main response length,
+    # response-length sweep at the main vocabulary).
+    scaling_points = []
+    if not args.no_scaling:
+        for vocab in preset["vocab_grid"]:
+            scaling_points.append(workload.with_(vocab_size=vocab))
+        for length in preset["length_grid"]:
+            point = workload.with_(response_len=length)
+            if point not in scaling_points:
+                scaling_points.append(point)
+
+    log(f"[bench] {preset_name}: device {device}, {dtype}, {threads} threads; work dir {tmp}")
+    assets = {}
+    for w in [workload, *scaling_points]:
+        if w not in assets:
+            assets[w] = str(build_assets(w, tmp / "assets"))
+
+    def job_maker(w: Workload, s: Settings, prefix: str):
+        def make(system, r):
+            tag = f"{prefix}{system}-r{r}"
+            prof = str(out.with_name(f"{out.stem}.profile-{system}.txt")) if (system in profile and r == 0 and prefix == "main-") else None
+            return {"system": system, "tag": tag, "round": r, "workload": w.to_dict(), "settings": s.to_dict(),
+                    "assets": assets[w], "profile": prof}
+        return make
+
+    def scaling_groups(s: Settings):
+        groups = []
+        for w in scaling_points:
+            if w == workload:
+                continue  # the main table already has this point
+            prefix = f"scale-v{w.vocab_size}-r{w.response_len}-"
+            groups.append((prefix, w, schedule(SCALING_SYSTEMS, preset["scaling_rounds"], job_maker(w, s, prefix))))
+        return groups
+
+    main_jobs = schedule(main_systems, rounds, job_maker(workload, settings, "main-"))
+    entries_by_group: dict[str, list[dict]] = {}
+    budget_note = ""
+    if preset["one_process"] and not args.isolate:
+        groups = [("main", workload, main_jobs), *scaling_groups(scaling_settings)]
+        all_jobs = [j for _, _, jobs in groups for j in jobs]
+        log(f"[bench] {len(all_jobs)} measurements in one worker process")
+        entries = run_jobs(all_jobs, tmp, threads, args.timeout, log)
+        by_tag = {e["tag"]: e for e in entries}
+        for label, _, jobs in groups:
+            entries_by_group[label] = [dict(by_tag[j["tag"]], round=j["round"]) for j in jobs]
+    else:
+        def run_group(label, jobs):
+            log(f"[bench] {label}: {len(jobs)} measurements, one process each")
+            entries_by_group[label] = []
+            for job in jobs:
+                entry = run_jobs([job], tmp, threads, args.timeout, log)[0]
+                entries_by_group[label].append(dict(entry, round=job["round"]))
+
+        run_group("main", main_jobs)
+        if scaling_points and not args.scaling_steps:
+            # Fit the scaling grid into what is left of the time budget, from the main table's costs.
+            left = args.budget_min * 60 - (time.perf_counter() - t_start)
+            fitted, estimate = fit_scaling_steps(
+                entries_by_group["main"], workload, warmup, [w for w in scaling_points if w != workload],
+                preset["scaling_steps"], preset["scaling_warmup"], preset["scaling_rounds"], left,
+            )
+            if fitted < preset["scaling_steps"]:
+                budget_note = (f"Scaling steps reduced from {preset['scaling_steps']} to {fitted} to fit the "
+                               f"{args.budget_min:.0f}-min budget (estimated {estimate / 60:.1f} min left to run).")
+                log(f"[bench] {budget_note}")
+            scaling_steps = fitted
+            scaling_settings = dataclasses.replace(scaling_settings, steps=fitted)
+        for label, _, jobs in scaling_groups(scaling_settings):
+            run_group(label, jobs)
+
+    main_summary = summarise(entries_by_group["main"], device)
+    rows = targets(main_summary)
+    scaling_rows = []
+    for w in scaling_points:
+        label = "main" if w == workload else f"scale-v{w.vocab_size}-r{w.response_len}-"
+        if label not in entries_by_group:
+            continue
+        sm = summarise(entries_by_group[label], device)
+        if label == "main":
+            sm = {k: v for k, v in sm.items() if k in SCALING_SYSTEMS}
+        scaling_rows.append({"vocab_size": w.vocab_size, "response_len": w.response_len, "summary": sm})
+    scaling_rows.sort(key=lambda row: (row["response_len"] != workload.response_len, row["vocab_size"], row["response_len"]))
+
+    # Same batch shape and completion-token count for every system of a workload.
+    shape_problems = []
+    for label, entries in entries_by_group.items():
+        seen = {}
+        for e in entries:
+            batch = e.get("result", {}).get("batch")
+            if batch:
+                seen.setdefault((tuple(batch["shape"]), batch["completion_tokens"]), []).append(e["system"])
+        if len(seen) > 1:
+            shape_problems.append(f"{label}: systems saw different batches: {seen}")
+    for problem in shape_problems:
+        log(f"[bench] WARNING {problem}")
+
+    all_entries = [e for entries in entries_by_group.values() for e in entries]
+    load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
+    meta = {
+        "argv": (" " + " ".join(sys.argv[1:])) if sys.argv[1:] and argv is None else "",
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "preset": preset_name,
+        "machine": machine_info(device),
+        "versions": versions(),
+        "settings": settings.to_dict(),
+        "rounds": rounds,
+        "workload": workload.to_dict(),
+        "loadavg": {"start": load_start, "end": load_end} if load_start else None,
+        "scaling_desc": (
+            f"Vocabulary sweep at {workload.response_len} response tokens and response-length sweep at vocabulary "
+            f"{workload.vocab_size}; other settings as the main workload. {scaling_steps} timed steps after "
+            f"{preset['scaling_warmup']} warm-up, {preset['scaling_rounds']} round(s); the main-workload row reuses "
+            "the main table's measurements." + (" " + budget_note if budget_note else "")
+        ),
+        "entries": all_entries,
+        "total_s": time.perf_counter() - t_start,
+        "shape_problems": shape_problems,
+    }
+    report = render(meta, main_summary, rows, scaling_rows)
+    if shape_problems:
+        report += "\n## Workload mismatch\n\n" + "\n".join(f"- {p}" for p in shape_problems) + "\n"
+    out.write_text(report)
+    raw = {"meta": {k: v for k, v in meta.items() if k != "entries"}, "main": main_summary, "targets": rows,
+           "scaling": scaling_rows, "entries": all_entries}
+    out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
+    log(f"[bench] wrote {out} and {out.with_suffix('.json')} in {meta['total_s'] / 60:.1f} min")
+    for r in rows:
+        log(f"  {r['verdict']:<5} {r['what']}: {fmt(r['value'])} (target {r['target']})")
+    if not args.workdir:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if any("error" in e for e in all_entries) or shape_problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
