@@ -114,3 +114,56 @@ def mallowspo_cache(tmp_path, monkeypatch):
 
 # END trainer / reference pass / train CLI fixtures
 # --------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------
+# BEGIN reliability fixtures (tests/test_reliability_*.py): the train CLI in-process on a
+# tiny model, with a base recipe, captured output and an isolated `datasets` cache.
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def isolated_hf_datasets_cache(tmp_path, monkeypatch):
+    """Keep `datasets`' cache of loaded data files in the test's tmp dir."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_datasets_cache")
+
+
+@pytest.fixture
+def make_recipe(tmp_path, tiny_lm_dir, tiny_prefs_path):
+    """make_recipe(**overrides) -> path of a small `mallowspo train` recipe (1 step, no saving)."""
+    import yaml
+
+    def make(**overrides):
+        values = dict(
+            model_name_or_path=str(tiny_lm_dir), dataset_name=str(tiny_prefs_path), output_dir=str(tmp_path / "out"),
+            max_steps=1, per_device_train_batch_size=2, per_device_eval_batch_size=4, learning_rate=1e-3,
+            max_length=48, max_prompt_length=24, logging_steps=1, save_strategy="no", report_to="none", seed=0,
+            dataloader_pin_memory=False, disable_tqdm=True,
+        )
+        values.update(overrides)
+        path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*.yaml')))}.yaml"
+        path.write_text(yaml.safe_dump(values))
+        return path
+
+    return make
+
+
+@pytest.fixture
+def run_cli(capsys, mallowspo_cache, isolated_hf_datasets_cache):
+    """run_cli(*argv) -> (exit code, stdout, stderr) of `mallowspo` run in-process."""
+    from mallowspo.cli import main
+
+    def run(*argv):
+        capsys.readouterr()
+        code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
+
+
+# END reliability fixtures
+# --------------------------------------------------------------------------------------

@@ -44,16 +44,21 @@ prompt/completion boundary cannot shift:
     BOS); special tokens a tokenizer appends at the end of every text (e.g. an EOS) are
     not added to prompts. Completions use add_special_tokens=False and, when
     `add_eos`, end with the EOS id (added unless already last), as TRL's DPOTrainer does.
+  - a very long text (a multi-megabyte completion, say) is tokenized only as far as its
+    tokens can matter (the budgets above), from prefixes of it: memory and time stay
+    bounded, and the kept tokens are those of the whole text (see _leading_token_ids).
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import math
 import os
 import weakref
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +69,7 @@ from trl.data_utils import apply_chat_template, maybe_convert_to_chatml, maybe_e
 logger = logging.getLogger("mallowspo.data")
 
 __all__ = [
+    "check_tokenized_dataset",
     "DataConfig",
     "DataValidationError",
     "ValidationReport",
@@ -217,7 +223,10 @@ class ValidationReport:
             fatal = " and ".join(sorted(ALWAYS_FATAL & self.problems.keys()))
             message += f" {fatal} cannot be skipped with strict=False."
         else:
-            message += " Fix these rows, or set strict=False to skip them (they are then counted and logged)."
+            message += (
+                " Fix these rows, or set strict=False (on the command line: --strict_validation false) to skip "
+                "them (they are then counted and logged)."
+            )
         return message
 
 
@@ -243,7 +252,7 @@ def load_preference_dataset(source: str | os.PathLike, split: str = "train") -> 
         dataset = _load_file(path)
     elif path.is_dir():
         dataset = _load_directory(path, split)
-    elif _looks_like_path(text):
+    elif looks_like_path(text):
         raise FileNotFoundError(
             f"Preference data not found: there is no file or directory at '{text}' (resolved to {path.resolve()})."
         )
@@ -253,7 +262,7 @@ def load_preference_dataset(source: str | os.PathLike, split: str = "train") -> 
     return dataset
 
 
-def _looks_like_path(text: str) -> bool:
+def looks_like_path(text: str) -> bool:
     """A hub id is 'name' or 'owner/name'; anything path-shaped is treated as a missing path."""
     suffix = Path(text).suffix.lower()
     return (
@@ -275,12 +284,29 @@ def _load_file(path: Path) -> datasets.Dataset:
         )
     if path.stat().st_size == 0:
         raise DataValidationError(f"Cannot load preference data from {path}: the file is empty (no rows).")
-    if builder != "parquet":
-        _check_utf8(path)  # pyarrow reads invalid UTF-8 in strings and fails later, on access
+    # pyarrow reads invalid UTF-8 in strings and fails later, on access: check first.
+    digest = _check_utf8(path) if builder != "parquet" else _file_sha256(path)
     try:
-        return datasets.load_dataset(builder, data_files=str(path), split="train")
+        with _quiet_datasets_errors():
+            # `datasets` keys its cache of the parsed file on path, size and mtime, so a file
+            # changed in place with both kept (cp -p, rsync -t, an edit within the mtime
+            # resolution) would load stale rows; the content hash in the name prevents that.
+            return datasets.load_dataset(builder, name=f"sha256-{digest[:16]}", data_files=str(path), split="train")
     except Exception as error:  # noqa: BLE001 - turned into one clear message below
         raise _diagnose_file(path, error) from None
+
+
+@contextmanager
+def _quiet_datasets_errors():
+    """Silence `datasets`' own error logs (e.g. "Failed to load JSON from file ..."): each
+    failure becomes one DataValidationError that names the file and the line."""
+    datasets_logger = logging.getLogger("datasets")
+    level = datasets_logger.level
+    datasets_logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logger.setLevel(level)
 
 
 def _load_directory(path: Path, split: str) -> datasets.Dataset:
@@ -303,7 +329,8 @@ def _load_directory(path: Path, split: str) -> datasets.Dataset:
             f"no {', '.join(DATA_FILE_BUILDERS)} files."
         )
     try:
-        return datasets.load_dataset(str(path), split=split)
+        with _quiet_datasets_errors():
+            return datasets.load_dataset(str(path), split=split)
     except Exception as error:  # noqa: BLE001
         for file in files:  # find the file to blame, if one cannot be read
             if file.stat().st_size == 0:
@@ -326,12 +353,15 @@ def _load_hub(source: str, split: str) -> datasets.Dataset:
         ) from None
 
 
-def _check_utf8(path: Path, chunk_size: int = 1 << 20) -> None:
-    """Raise DataValidationError naming the line of the first byte that is not UTF-8."""
+def _check_utf8(path: Path, chunk_size: int = 1 << 20) -> str:
+    """Raise DataValidationError naming the line of the first byte that is not UTF-8;
+    return the file's SHA-256 (hex), computed in the same read."""
     buffer, offset, line = b"", 0, 1
+    digest = hashlib.sha256()
     with open(path, "rb") as file:
         while True:
             chunk = file.read(chunk_size)
+            digest.update(chunk)
             data = buffer + chunk
             try:
                 data.decode("utf-8")
@@ -350,7 +380,15 @@ def _check_utf8(path: Path, chunk_size: int = 1 << 20) -> None:
             offset += consumed
             buffer = data[consumed:]
             if not chunk:
-                return
+                return digest.hexdigest()
+
+
+def _file_sha256(path: Path, chunk_size: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _diagnose_file(path: Path, error: Exception, fallback: bool = True) -> DataValidationError | None:
@@ -600,11 +638,66 @@ def _leading_special_ids(tokenizer) -> list[int]:
     return []
 
 
-def _tokenize_texts(tokenizer, texts: list[str], batch_size: int = 512) -> list[list[int]]:
+# A text longer than max(LONG_TEXT_MIN_CHARS, LONG_TEXT_CHARS_PER_TOKEN * limit) characters,
+# where `limit` is the most tokens of it that can matter, is tokenized by prefixes only: the
+# tokens past the budget would be dropped anyway, and a multi-megabyte completion would
+# otherwise cost seconds and gigabytes to tokenize.
+LONG_TEXT_MIN_CHARS = 1 << 16
+LONG_TEXT_CHARS_PER_TOKEN = 64
+PREFIX_MARGIN_TOKENS = 8  # tokens next to a cut may change with it: agree on this many more
+
+
+def _token_limits(config: DataConfig) -> tuple[int | None, int | None]:
+    """How many leading tokens of a prompt and of a completion can matter (None: all of them).
+
+    A prompt is never truncated, but one token over its budget is enough to know it is too
+    long; a completion keeps at most min(max_completion_length, max_length) tokens.
+    """
+    prompt = [b for b in (config.max_prompt_length, config.max_length) if b is not None]
+    completion = [b for b in (config.max_completion_length, config.max_length) if b is not None]
+    return (min(prompt) + 1 if prompt else None), (min(completion) if completion else None)
+
+
+def _leading_token_ids(tokenizer, text: str, count: int) -> tuple[list[int], bool]:
+    """The first count + PREFIX_MARGIN_TOKENS token ids of `text`, from prefixes of it, and
+    False; or all its ids and True when the whole text had to be read.
+
+    The ids of a prefix are accepted once they agree with those of a prefix twice as long
+    (cutting a text changes only the tokens next to the cut).
+    """
+    need = count + PREFIX_MARGIN_TOKENS
+    size = max(1024, 16 * need)  # characters; doubled until the leading ids are stable
+    ids = tokenizer(text[:size], add_special_tokens=False)["input_ids"]
+    while size < len(text):
+        size *= 2
+        longer = tokenizer(text[:size], add_special_tokens=False)["input_ids"]
+        if len(ids) >= need and ids[:need] == longer[:need]:
+            return list(longer[:need]), False
+        ids = longer
+    return list(ids), True
+
+
+def _tokenize_texts(
+    tokenizer, texts: list[str], limit: int | None = None, batch_size: int = 512
+) -> tuple[list[list[int]], set[int]]:
+    """Token ids of each text (no special tokens added), and the positions of the texts that
+    were only tokenized as far as `limit` tokens can matter (see LONG_TEXT_MIN_CHARS)."""
+    threshold = None if limit is None else max(LONG_TEXT_MIN_CHARS, LONG_TEXT_CHARS_PER_TOKEN * limit)
     ids: list[list[int]] = []
+    clipped: set[int] = set()
     for start in range(0, len(texts), batch_size):
-        ids.extend(list(x) for x in tokenizer(texts[start : start + batch_size], add_special_tokens=False)["input_ids"])
-    return ids
+        chunk = texts[start : start + batch_size]
+        long = [threshold is not None and len(text) > threshold for text in chunk]
+        encoded = tokenizer([("" if is_long else t) for t, is_long in zip(chunk, long)], add_special_tokens=False)
+        for offset, (text, row, is_long) in enumerate(zip(chunk, encoded["input_ids"], long)):
+            if is_long:
+                leading_ids, complete = _leading_token_ids(tokenizer, text, limit)
+                ids.append(leading_ids)
+                if not complete:
+                    clipped.add(start + offset)
+            else:
+                ids.append(list(row))
+    return ids, clipped
 
 
 def _truncate_and_check(
@@ -645,6 +738,39 @@ def _truncate_and_check(
 # ----------------------------------------------------------------------------------------
 # The pipeline
 # ----------------------------------------------------------------------------------------
+
+TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
+
+
+def check_tokenized_dataset(dataset: datasets.Dataset, name: str = "train", batch_size: int = 4096) -> None:
+    """Check data that is already tokenized (has ``prompt_input_ids``) before it is used as is.
+
+    Raises DataValidationError when an id column is missing, or when a prompt or a
+    completion has no token: such a pair has nothing to score, and its log-prob would be a
+    silent 0 rather than an error.
+    """
+    source = _SOURCES.get(dataset)
+    where = f"'{name}'" + (f" ({source})" if source else "")
+    missing = [column for column in TOKEN_COLUMNS if column not in dataset.column_names]
+    if missing:
+        raise DataValidationError(
+            f"Tokenized preference data {where} has no column {', '.join(map(repr, missing))}; tokenized data needs "
+            f"{', '.join(TOKEN_COLUMNS)} (as prepare_preference_dataset writes them), or give raw text columns."
+        )
+    view = dataset.select_columns(list(TOKEN_COLUMNS)).with_format("arrow")
+    empty: dict[str, list[int]] = {}
+    for start in range(0, len(dataset), batch_size):
+        table = view[start : start + batch_size]
+        for column in TOKEN_COLUMNS:
+            lengths = table.column(column).combine_chunks().value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
+            empty.setdefault(column, []).extend(int(i) + start for i in (lengths == 0).nonzero()[0])
+    problems = [f"{column} is empty in {len(rows)} row{'s' if len(rows) > 1 else ''} (e.g. row {rows[0]})"
+                for column, rows in empty.items() if rows]
+    if problems:
+        raise DataValidationError(
+            f"Tokenized preference data {where}: " + "; ".join(problems) + ". Every pair needs a non-empty prompt "
+            "and non-empty completions; drop these rows or tokenize the raw data with prepare_preference_dataset."
+        )
 
 
 def prepare_preference_dataset(
@@ -735,9 +861,10 @@ def prepare_preference_dataset(
             rendered.append((pair, *_render(pair, tokenizer)))
         except _RowProblem as problem:
             report.add(problem.kind, pair.index, problem.detail)
-    prompt_ids = _tokenize_texts(tokenizer, [r[1] for r in rendered])
-    chosen_ids = _tokenize_texts(tokenizer, [r[2] for r in rendered])
-    rejected_ids = _tokenize_texts(tokenizer, [r[3] for r in rendered])
+    prompt_limit, completion_limit = _token_limits(config)
+    prompt_ids, prompt_clipped = _tokenize_texts(tokenizer, [r[1] for r in rendered], prompt_limit)
+    chosen_ids, _ = _tokenize_texts(tokenizer, [r[2] for r in rendered], completion_limit)
+    rejected_ids, _ = _tokenize_texts(tokenizer, [r[3] for r in rendered], completion_limit)
 
     leading = [] if conversational else _leading_special_ids(tokenizer)
     eos = tokenizer.eos_token_id if (config.add_eos and not conversational) else None
@@ -746,7 +873,13 @@ def prepare_preference_dataset(
     columns_out: dict[str, list] = {name: [] for name in names_out}
     if config.dispersion_column:
         columns_out["dispersion"] = []
-    for (pair, prompt_text, _, _), p_ids, c_ids, r_ids in zip(rendered, prompt_ids, chosen_ids, rejected_ids):
+    for position, ((pair, prompt_text, _, _), p_ids, c_ids, r_ids) in enumerate(
+        zip(rendered, prompt_ids, chosen_ids, rejected_ids)
+    ):
+        if position in prompt_clipped:  # only its first tokens were read: more than any budget
+            detail = f"the prompt has more than {prompt_limit - 1} tokens ({len(prompt_text)} characters)"
+            report.add("prompt_too_long", pair.index, detail)
+            continue
         if leading and p_ids[: len(leading)] != leading:
             p_ids = leading + p_ids
         if eos is not None:

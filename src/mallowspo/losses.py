@@ -171,6 +171,12 @@ def preference_loss(
         raise ValueError(f"mallows={mallows!r} needs the per-example dispersion neg_log_phi")
     if length_normalize is None:
         length_normalize = reference_free
+    # float16 tops out at 65504, which beta * Delta * L(x) can pass: such inputs are computed
+    # (and the losses returned) in float32. bfloat16 has float32's range and is kept.
+    policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = (
+        x.float() if x is not None and x.dtype == torch.float16 else x
+        for x in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    )
 
     chosen_logratios, rejected_logratios = implicit_reward_margin(
         policy_chosen_logps,

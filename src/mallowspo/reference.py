@@ -13,7 +13,10 @@ These are cached on disk under a key built from the tokens themselves (a content
 of the prompt/chosen/rejected token ids, which covers the dataset, the tokenizer and the
 truncation), the reference weights, the tokenizer's vocabulary and chat template, the
 data settings (max lengths, truncation, EOS) and the mixed-precision mode. Any change
-recomputes; an unchanged rerun reuses. Writes are atomic (temp dir + rename).
+recomputes; an unchanged rerun reuses; the log says which happened. Writes are atomic
+(temp dir + rename): a run killed while writing leaves no entry, and a damaged entry is
+recomputed and replaced. A cache that cannot be written is a warning, not an error. A pass
+that gives NaN or inf is an error and is never cached.
 
 Cache root: ``$MALLOWSPO_CACHE`` or ``~/.cache/mallowspo``; entries live in
 ``<root>/reference/<key>/``.
@@ -27,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -52,6 +56,7 @@ CACHE_FORMAT_VERSION = 1
 TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_entropy", "ref_rejected_entropy", "hbar")
 FUSED_HEAD_OUTPUTS = ("log_probs", "entropy")
+STALE_TMP_SECONDS = 3600  # a temp dir of a cache write older than this was left by a killed writer
 
 
 # ---------------------------------------------------------------------------------------
@@ -241,17 +246,58 @@ def cache_dir_for(key: str, root: Path | None = None) -> Path:
 
 
 def read_cache(path: Path) -> dict[str, np.ndarray] | None:
-    """The cached columns at ``path``, or None when there is no complete entry."""
+    """The cached columns at ``path``, or None when there is no complete, readable entry
+    (an unreadable one, e.g. damaged on disk, is logged and treated as missing)."""
     if not (path / "meta.json").is_file():
         return None
-    with np.load(path / "columns.npz") as stored:
-        return {name: stored[name] for name in REFERENCE_COLUMNS}
+    try:
+        rows = json.loads((path / "meta.json").read_text())["rows"]
+        with np.load(path / "columns.npz") as stored:
+            columns = {name: stored[name] for name in REFERENCE_COLUMNS}
+    except Exception as error:  # noqa: BLE001 - any damage (JSON, zip, missing array) means: recompute
+        logger.warning("reference cache entry %s is unreadable (%s: %s); recomputing it",
+                       path, type(error).__name__, error)
+        return None
+    if any(len(values) != rows for values in columns.values()):
+        logger.warning("reference cache entry %s is incomplete (not %d rows per column); recomputing it", path, rows)
+        return None
+    return columns
+
+
+def check_finite_columns(columns: dict[str, np.ndarray], dataset: datasets.Dataset, name: str) -> None:
+    """Raise FloatingPointError naming the rows when the reference pass gave NaN or inf.
+
+    Such values would make the loss NaN (or silently meaningless) for those pairs; they are
+    never cached.
+    """
+    bad = np.zeros(len(dataset), dtype=bool)
+    for values in columns.values():
+        bad |= ~np.isfinite(values)
+    if not bad.any():
+        return
+    which = [column for column, values in columns.items() if not np.isfinite(values).all()]
+    positions = np.flatnonzero(bad)
+    rows = dataset["row_index"] if "row_index" in dataset.column_names else list(range(len(dataset)))
+    examples = ", ".join(str(rows[int(i)]) for i in positions[:5])
+    raise FloatingPointError(
+        f"the reference pass ({name}) gave NaN or inf {'/'.join(which)} for {len(positions)} of {len(dataset)} "
+        f"pairs (data rows {examples}{', ...' if len(positions) > 5 else ''}); nothing was cached. Usual cause: "
+        "the reference model overflows in float16; load it in bfloat16 or float32 (--dtype bfloat16), or check "
+        "its weights."
+    )
 
 
 def write_cache_atomically(path: Path, columns: dict[str, np.ndarray], components: dict[str, Any]) -> None:
     """Write the entry into a temp dir, then rename it into place; an entry written
-    meanwhile by another process wins. A killed writer leaves only a ``.tmp-*`` dir."""
+    meanwhile by another process wins. A killed writer leaves only a ``.tmp-*`` dir, which
+    a later write of the same key removes once it is STALE_TMP_SECONDS old."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".tmp-{path.name}-*"):
+        try:
+            if time.time() - stale.stat().st_mtime > STALE_TMP_SECONDS:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:  # removed meanwhile by another writer
+            continue
     tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
@@ -313,14 +359,23 @@ def load_or_compute_reference_columns(
             logger.info("reference pass (%s): reused the cache at %s (%d rows)", name, path, len(dataset))
             return ReferenceResult(columns, path, reused=True)
 
-    logger.info("reference pass (%s): computing for %d rows (cache key %s)", name, len(dataset), key)
+    damaged = path.exists()  # an entry is there but could not be used: replace it
+    logger.info("reference pass (%s): computing for %d rows (no %scache entry for key %s)", name, len(dataset),
+                "usable " if damaged else "", key)
     columns = compute_reference_columns(
         model, dataset, collator, accelerator, batch_size, output_vocab_size(model),
         reference_context=reference_context, desc=f"reference pass ({name})",
     )
+    check_finite_columns(columns, dataset, name)
     if accelerator.is_main_process:
-        write_cache_atomically(path, columns, components)
-        logger.info("reference pass (%s): cached at %s", name, path)
+        try:
+            if damaged:
+                shutil.rmtree(path, ignore_errors=True)
+            write_cache_atomically(path, columns, components)
+            logger.info("reference pass (%s): cached at %s", name, path)
+        except OSError as error:  # the cache only saves time: go on without it
+            logger.warning("reference pass (%s): could not cache the results at %s (%s); continuing without the "
+                           "cache (set MALLOWSPO_CACHE to a writable directory)", name, path, error)
     accelerator.wait_for_everyone()
     return ReferenceResult(columns, path, reused=False)
 

@@ -26,7 +26,11 @@ Life of a run:
 from __future__ import annotations
 
 import copy
+import errno
+import json
 import logging
+import shutil
+import uuid
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -64,6 +68,10 @@ REFERENCE_KINDS = {
 }
 DISPERSION_FILE = "dispersion.jsonl"
 STATE_FILE = "trainer_state.json"
+# The Trainer also pickles its arguments (torch.save) into every save; loading that file back
+# needs full pickle, which can run code from an untrusted checkpoint, and nothing reads it on
+# resume. It is removed: the settings are saved as YAML (CONFIG_FILE) instead.
+TRAINING_ARGS_PICKLE = "training_args.bin"
 
 
 # ---------------------------------------------------------------------------------------
@@ -71,14 +79,146 @@ STATE_FILE = "trainer_state.json"
 # ---------------------------------------------------------------------------------------
 
 
+def check_model_source(name_or_path: str) -> None:
+    """Raise FileNotFoundError, naming the path, when ``name_or_path`` is meant as a local
+    model directory (see ``mallowspo.data.looks_like_path``) that is not there or holds no model.
+    Hub ids ('owner/name') pass; the hub is asked only when they are loaded."""
+    from mallowspo.data import looks_like_path
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not any((path / marker).is_file() for marker in ("config.json", "adapter_config.json")):
+            raise FileNotFoundError(
+                f"Model directory {path} holds no config.json: it is not a saved model. Give a directory written "
+                "by save_pretrained (config.json, model.safetensors, tokenizer files) or a Hugging Face hub id."
+            )
+    elif path.exists():
+        raise FileNotFoundError(f"Model path {path} is a file; give the directory that holds the model (config.json).")
+    elif looks_like_path(name_or_path) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()):
+        # ('runs/model' where ./runs exists is a local path, not the hub id of an owner "runs")
+        raise FileNotFoundError(
+            f"Model not found: there is no directory at '{name_or_path}' (resolved to {path.resolve()}). Give a "
+            "directory written by save_pretrained, or a Hugging Face hub id such as 'owner/name'."
+        )
+
+
 def load_causal_lm(
     name_or_path: str, dtype: str = "auto", trust_remote_code: bool = False, attn_implementation: str | None = None
 ) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained`` with the command line's options."""
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    """``AutoModelForCausalLM.from_pretrained`` with the command line's options.
+
+    Weights are read from safetensors files only (``use_safetensors=True``): pickle weight
+    files (``pytorch_model.bin``) can run code when loaded. Remote code runs only with
+    ``trust_remote_code=True``.
+    """
+    check_model_source(name_or_path)
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as error:
+        if not any(Path(name_or_path).expanduser().glob("*.bin")):
+            raise
+        raise OSError(
+            f"{name_or_path} holds only pickle weights (*.bin), and mallowspo loads safetensors only (a pickle file "
+            "can run code when loaded). If you trust the file, convert it once: AutoModelForCausalLM.from_pretrained"
+            f"('{name_or_path}').save_pretrained('{name_or_path}-safetensors'), and train from the new directory."
+        ) from error
+
+
+# ---------------------------------------------------------------------------------------
+# Output directory and checkpoints
+# ---------------------------------------------------------------------------------------
+
+
+def output_bytes_needed(model: torch.nn.Module, args: MallowsPOConfig) -> int:
+    """A lower bound on the disk space the run writes to ``output_dir``: the saved weights
+    (only the trainable ones for an adapter), twice with checkpoints (one checkpoint, then
+    the final model). Optimizer states and logs come on top."""
+    params = list(model.parameters())
+    saved = [p for p in params if p.requires_grad] if is_peft_model(model) else params
+    weights = sum(p.numel() * p.element_size() for p in saved)
+    return weights * (1 if args.save_strategy == "no" else 2)
+
+
+def check_output_dir(output_dir: str | Path, needed_bytes: int = 0) -> None:
+    """Fail before any work when ``output_dir`` cannot be created or written, or when its disk
+    has less than ``needed_bytes`` free. Raises NotADirectoryError, PermissionError or OSError
+    with a message that names the directory and what to do."""
+    path = Path(output_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise NotADirectoryError(
+            f"output_dir {path} cannot be created: {blocker} is a file, not a directory. Choose another --output_dir."
+        ) from None
+    except OSError as error:
+        message = f"output_dir {path} cannot be created ({error.strerror}); choose another --output_dir"
+        raise OSError(error.errno, message) from None
+    probe = path / f".mallowspo-write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_bytes(b"0")
+    except OSError as error:
+        message = f"output_dir {path} is not writable ({error.strerror}); fix its permissions or choose another "
+        message += "--output_dir"
+        raise PermissionError(error.errno, message) from None
+    finally:
+        probe.unlink(missing_ok=True)
+    free = shutil.disk_usage(path).free
+    if free < needed_bytes:
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough free disk space for output_dir {path}: {free / 2**20:.1f} MiB free, the run writes at least "
+            f"{needed_bytes / 2**20:.1f} MiB (the saved model, and a checkpoint). Free some space or choose another "
+            "--output_dir",
+        )
+
+
+def is_complete_checkpoint(path: str | Path) -> bool:
+    """Whether a checkpoint directory was fully written: the Trainer writes trainer_state.json
+    last, so a run killed while saving leaves a directory without a readable one."""
+    state = Path(path) / STATE_FILE
+    try:
+        json.loads(state.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def resolve_checkpoint(checkpoint: str | bool, output_dir: str | Path) -> str:
+    """The checkpoint directory to resume from.
+
+    ``True``: the newest complete ``checkpoint-N`` in ``output_dir``; incomplete ones (left
+    by a run killed while saving) are skipped with a warning. A path: checked to be a
+    complete checkpoint. Raises FileNotFoundError or ValueError naming what is wrong.
+    """
+    if checkpoint is True:
+        root = Path(output_dir)
+        numbered = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+        skipped = []
+        for path in sorted(numbered, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+            if is_complete_checkpoint(path):
+                if skipped:
+                    logger.warning("skipping incomplete checkpoints (a run stopped while saving them): %s",
+                                   ", ".join(str(p) for p in skipped))
+                return str(path)
+            skipped.append(path)
+        found = f" ({len(skipped)} incomplete: {', '.join(p.name for p in skipped)})" if skipped else ""
+        raise FileNotFoundError(
+            f"no complete checkpoint to resume from in {root}{found}; pass a checkpoint directory, or leave out "
+            "--resume_from_checkpoint to start over"
+        )
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint to resume from not found: there is no directory at {path}")
+    if not is_complete_checkpoint(path):
+        raise ValueError(
+            f"{path} is not a complete checkpoint (no readable {STATE_FILE}): the run was probably stopped while "
+            "saving it. Resume from an earlier checkpoint (--resume_from_checkpoint last skips incomplete ones)."
+        )
+    return str(path)
 
 
 def ensure_pad_token(tokenizer: Any) -> None:
@@ -212,6 +352,8 @@ class MallowsPOTrainer(Trainer):
         # Hashed before a LoRA adapter is added: a LoRA run shares the cache of its base model.
         weights = weights_fingerprint(ref_model if ref_model is not None else model) if args.runs_reference_pass else ""
         model, ref_model = self._prepare_models(model, ref_model, args, peft_config)
+        if args.should_save:  # before the reference pass and training: fail now, not at the first save
+            check_output_dir(args.output_dir, output_bytes_needed(model, args))
         super().__init__(
             model=model,
             args=args,
@@ -241,10 +383,14 @@ class MallowsPOTrainer(Trainer):
     # ---- construction steps --------------------------------------------------------
 
     def _tokenize(self, dataset: datasets.Dataset | None, name: str, tokenizer: Any) -> datasets.Dataset | None:
-        """Validate and tokenize raw preference rows; tokenized data passes through."""
-        if dataset is None or "prompt_input_ids" in dataset.column_names:
+        """Validate and tokenize raw preference rows; tokenized data is checked and passes through."""
+        from mallowspo.data import check_tokenized_dataset, prepare_preference_dataset
+
+        if dataset is None:
+            return None
+        if "prompt_input_ids" in dataset.column_names:
+            check_tokenized_dataset(dataset, name)
             return dataset
-        from mallowspo.data import prepare_preference_dataset
 
         dataset, report = prepare_preference_dataset(dataset, tokenizer, self._data_config, name=name)
         self.validation_reports[name] = report
@@ -433,13 +579,36 @@ class MallowsPOTrainer(Trainer):
         if "ref_chosen_entropy" in inputs:
             per_example["mallows/ref_entropy_mean"] = 0.5 * (inputs["ref_chosen_entropy"] + inputs["ref_rejected_entropy"])
         names = list(per_example)
-        stacked = torch.stack([per_example[n].detach().float() for n in names], dim=1)
-        stacked = self.accelerator.gather_for_metrics(stacked)
+        columns = [per_example[n].detach().float() for n in names] + [output.losses.detach().float()]
+        stacked = self.accelerator.gather_for_metrics(torch.stack(columns, dim=1))
+        if not bool(torch.isfinite(stacked).all()):  # every process sees the same gathered values
+            self._raise_non_finite(names + ["loss"], stacked, model.training)
         accumulator = self._metrics["train" if model.training else "eval"]
         for i, name in enumerate(names):
             accumulator.update(name, stacked[:, i])
 
+    def _raise_non_finite(self, names: list[str], stacked: torch.Tensor, training: bool) -> None:
+        """Stop with FloatingPointError instead of logging NaN (the Trainer would step on it)."""
+        bad = ~torch.isfinite(stacked)
+        which = [name for i, name in enumerate(names) if bool(bad[:, i].any())]
+        pairs = int(bad.any(dim=1).sum())
+        phase = "training" if training else "evaluation"
+        raise FloatingPointError(
+            f"NaN or inf {', '.join(which)} at step {self.state.global_step} ({phase})"
+            f" for {pairs} of {stacked.size(0)} pairs in the batch. Usual causes: float16 overflow (use bf16 or "
+            "float32), a learning rate too high (the policy diverged), or NaN in the model weights. Checkpoints "
+            "saved before this step are intact (--resume_from_checkpoint)."
+        )
+
     # ---- Trainer hooks ----------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """``Trainer.train``, resuming only from complete checkpoints: ``True`` picks the newest
+        complete ``checkpoint-N`` in ``output_dir`` (skipping one a killed run left half
+        written), and a given path is checked before anything is loaded."""
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            resume_from_checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the train metrics pooled since the last training log to each training log."""
@@ -464,13 +633,16 @@ class MallowsPOTrainer(Trainer):
     # ---- outputs ----------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """Save the model (or adapter) and tokenizer; a final save (not a checkpoint) also
-        writes the resolved config, the log history, the model card and the per-example
-        dispersion file."""
+        """Save the model (or adapter, as safetensors) and tokenizer; a final save (not a
+        checkpoint) also writes the resolved config, the log history, the model card and the
+        per-example dispersion file. No pickle file is left (see TRAINING_ARGS_PICKLE)."""
         super().save_model(output_dir, _internal_call)
-        if _internal_call or not self.args.should_save:
+        if not self.args.should_save:
             return
         output_dir = Path(output_dir or self.args.output_dir)
+        (output_dir / TRAINING_ARGS_PICKLE).unlink(missing_ok=True)
+        if _internal_call:  # a checkpoint: the Trainer adds its own state files
+            return
         write_resolved_config(output_dir / CONFIG_FILE, self.resolved_config())
         self.state.save_to_json(str(output_dir / STATE_FILE))  # the log history, for scripts and plots
         if self.train_dataset is not None and "neg_log_phi" in self.train_dataset.column_names:

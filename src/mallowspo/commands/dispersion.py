@@ -60,7 +60,7 @@ def compute_dispersion(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from mallowspo.data import DataConfig, load_preference_dataset, prepare_preference_dataset
     from mallowspo.dispersion import estimate_neg_log_phi
     from mallowspo.reference import FUSED_HEAD_OUTPUTS, load_or_compute_reference_columns, weights_fingerprint
-    from mallowspo.trainer import ensure_pad_token, load_causal_lm
+    from mallowspo.trainer import check_model_source, ensure_pad_token, load_causal_lm
 
     if args.model is None or args.dataset is None:
         from mallowspo.builtin import TINY_MODEL_THREADS, bundled_preferences, ensure_default_model
@@ -70,10 +70,12 @@ def compute_dispersion(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
             torch.set_num_threads(TINY_MODEL_THREADS)
         args.dataset = args.dataset or str(bundled_preferences())
     normalization = number_or_keyword(args.normalization, "mean", "--normalization")
+    check_model_source(args.model)
+    raw = load_preference_dataset(args.dataset, args.split)  # a bad file fails before the model loads
     tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
     ensure_pad_token(tokenizer)
     data_config = DataConfig(max_length=args.max_length, max_prompt_length=args.max_prompt_length, strict=False)
-    dataset, report = prepare_preference_dataset(load_preference_dataset(args.dataset, args.split), tokenizer, data_config)
+    dataset, report = prepare_preference_dataset(raw, tokenizer, data_config)
 
     model = load_causal_lm(args.model, args.dtype, args.trust_remote_code)
     weights = weights_fingerprint(model)
@@ -204,7 +206,12 @@ def write_outputs(out: Path, dataset, facts: dict[str, Any], top: int) -> dict[s
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("mallowspo").setLevel(logging.INFO)
-    dataset, facts = compute_dispersion(args)
+    from mallowspo.cli import user_errors
+    from mallowspo.trainer import check_output_dir
+
+    with user_errors():  # settings, paths, data: the user's
+        check_output_dir(args.out)
+        dataset, facts = compute_dispersion(args)
     paths = write_outputs(Path(args.out), dataset, facts, args.top)
     stats = json.loads(paths["summary"].read_text())["summary"]["neg_log_phi"]
     print(

@@ -1,6 +1,6 @@
 """`mallowspo train`: fine-tune a causal LM with MallowsPO.
 
-    mallowspo train                                  # the built-in default (tiny model, bundled data)
+    mallowspo train                                  # the built-in default (MallowsPO on the built-in world)
     mallowspo train --config recipe.yaml [--key value ...]
     mallowspo train --config recipe.yaml --accelerate_config zero3 [--num_processes 8]
 
@@ -9,6 +9,11 @@ the recipe YAML, then ``--key value`` pairs. Keys are the fields of ``ModelArgum
 ``ScriptArguments`` and ``MallowsPOConfig`` (all of ``TrainingArguments``); see
 ``mallowspo train --show_fields``. ``--accelerate_config NAME_OR_PATH`` re-launches the
 same command through ``accelerate launch --config_file`` (names: ddp, fsdp, zero3).
+
+Before anything is loaded, the run checks what it can cheaply (settings, the output
+directory, the checkpoint to resume from, the model path, the data file); a problem there,
+or in the data rows, is a one-line ``error: ...`` with exit code 2 (see ``mallowspo.cli``).
+``--resume_from_checkpoint last`` resumes from the newest complete checkpoint.
 """
 
 from __future__ import annotations
@@ -162,24 +167,48 @@ def resume_argument(value: str | None) -> str | bool | None:
     return True if str(value).lower() in ("true", "last") else value
 
 
-def train(model_args, script_args, training_args):
-    """Load model, tokenizer and data; train; save. Returns the trainer."""
+def build_trainer(model_args, script_args, training_args):
+    """Check, load and validate everything a run needs, cheapest first, so that a typo fails
+    in seconds: the output directory, the checkpoint to resume from, the model path, the
+    data file, the tokenizer and the data rows; then the model and the trainer (reference pass).
+
+    Returns the trainer and the checkpoint directory to resume from (or None).
+    """
     from transformers import AutoTokenizer
 
-    from mallowspo.data import load_preference_dataset
-    from mallowspo.trainer import MallowsPOTrainer, load_causal_lm
+    from mallowspo.data import load_preference_dataset, prepare_preference_dataset
+    from mallowspo.trainer import (
+        MallowsPOTrainer,
+        check_model_source,
+        check_output_dir,
+        ensure_pad_token,
+        load_causal_lm,
+        resolve_checkpoint,
+    )
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
-    )
-    model = load_causal_lm(
-        model_args.model_name_or_path, model_args.dtype, model_args.trust_remote_code, model_args.attn_implementation
-    )
+    if training_args.should_save:
+        check_output_dir(training_args.output_dir)  # free space is checked by the trainer, once the model is known
+    checkpoint = resume_argument(training_args.resume_from_checkpoint)
+    if checkpoint is not None:
+        checkpoint = resolve_checkpoint(checkpoint, training_args.output_dir)
+    check_model_source(model_args.model_name_or_path)
     train_dataset = load_preference_dataset(script_args.dataset_name, script_args.dataset_train_split)
     eval_dataset = (
         load_preference_dataset(script_args.dataset_name, script_args.dataset_test_split)
         if script_args.dataset_test_split
         else None
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+    )
+    ensure_pad_token(tokenizer)
+    # Validate and tokenize the rows before the model loads (the trainer takes tokenized data as is).
+    data_config, reports = training_args.to_data_config(), {}
+    train_dataset, reports["train"] = prepare_preference_dataset(train_dataset, tokenizer, data_config, name="train")
+    if eval_dataset is not None:
+        eval_dataset, reports["eval"] = prepare_preference_dataset(eval_dataset, tokenizer, data_config, name="eval")
+    model = load_causal_lm(
+        model_args.model_name_or_path, model_args.dtype, model_args.trust_remote_code, model_args.attn_implementation
     )
     trainer = MallowsPOTrainer(
         model,
@@ -190,14 +219,26 @@ def train(model_args, script_args, training_args):
         peft_config=model_args.peft_config(),
     )
     trainer.run_metadata = {"model": asdict(model_args), "data": asdict(script_args)}
-    trainer.train(resume_from_checkpoint=resume_argument(training_args.resume_from_checkpoint))
-    if eval_dataset is not None:
+    trainer.validation_reports.update(reports)
+    return trainer, checkpoint
+
+
+def fit(trainer, checkpoint: str | None = None):
+    """Train (resuming from ``checkpoint``), evaluate when there is eval data, save. Returns the trainer."""
+    training_args = trainer.args
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.eval_dataset is not None:
         trainer.evaluate()
     trainer.save_model()
     if training_args.should_save:
         logger.info("saved the model, config, model card and dispersion.jsonl to %s", training_args.output_dir)
         logger.info("last logged metrics: %s", format_metrics(trainer.last_logged_metrics()))
     return trainer
+
+
+def train(model_args, script_args, training_args):
+    """Load model, tokenizer and data; train; save. Returns the trainer."""
+    return fit(*build_trainer(model_args, script_args, training_args))
 
 
 SUMMARY_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies",
@@ -216,7 +257,11 @@ def run(args: argparse.Namespace) -> int:
         return subprocess.call(accelerate_command(args))
     if args.num_processes:
         raise SystemExit("--num_processes goes with --accelerate_config (or use `accelerate launch` directly)")
-    model_args, script_args, training_args = parse_run_config(args.config, args.overrides)
-    setup_logging(training_args)
-    train(model_args, script_args, training_args)
+    from mallowspo.cli import user_errors
+
+    with user_errors():  # settings, paths, data: the user's; errors in training keep their traceback
+        model_args, script_args, training_args = parse_run_config(args.config, args.overrides)
+        setup_logging(training_args)
+        trainer, checkpoint = build_trainer(model_args, script_args, training_args)
+    fit(trainer, checkpoint)
     return 0
