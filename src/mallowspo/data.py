@@ -287,13 +287,25 @@ def _load_file(path: Path) -> datasets.Dataset:
     # pyarrow reads invalid UTF-8 in strings and fails later, on access: check first.
     digest = _check_utf8(path) if builder != "parquet" else _file_sha256(path)
     try:
-        with _quiet_datasets_errors():
+        with _quiet_datasets_errors(), _no_download_counting():
             # `datasets` keys its cache of the parsed file on path, size and mtime, so a file
             # changed in place with both kept (cp -p, rsync -t, an edit within the mtime
             # resolution) would load stale rows; the content hash in the name prevents that.
             return datasets.load_dataset(builder, name=f"sha256-{digest[:16]}", data_files=str(path), split="train")
     except Exception as error:  # noqa: BLE001 - turned into one clear message below
         raise _diagnose_file(path, error) from None
+
+
+@contextmanager
+def _no_download_counting():
+    """Keep ``datasets.load_dataset`` from pinging its download counter (a HEAD request to
+    the hub's bucket) while it parses a local file: a local load makes no network request."""
+    previous = datasets.config.HF_UPDATE_DOWNLOAD_COUNTS
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False
+    try:
+        yield
+    finally:
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = previous
 
 
 @contextmanager
@@ -329,7 +341,7 @@ def _load_directory(path: Path, split: str) -> datasets.Dataset:
             f"no {', '.join(DATA_FILE_BUILDERS)} files."
         )
     try:
-        with _quiet_datasets_errors():
+        with _quiet_datasets_errors(), _no_download_counting():
             return datasets.load_dataset(str(path), split=split)
     except Exception as error:  # noqa: BLE001
         for file in files:  # find the file to blame, if one cannot be read
