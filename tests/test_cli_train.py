@@ -93,11 +93,22 @@ def test_shipped_recipes_parse(recipe):
     assert "NEEDS" in recipe.read_text()[:300]  # marked as needing GPUs in its header
 
 
-def test_default_run_config_selects_the_builtin_model_and_data(tiny_lm_dir, monkeypatch):
-    monkeypatch.setattr(builtin, "ensure_default_model", lambda: Path(tiny_lm_dir))
+def test_default_run_config_selects_the_builtin_world(tmp_path, monkeypatch):
+    import mallowspo.world
+
+    world = mallowspo.world.WorldPaths(tmp_path / "world")
+    monkeypatch.setattr(mallowspo.world, "ensure_world", lambda: world)
     model_args, script_args, args = train_command.parse_run_config(None, ["--max_steps", "3"])
-    assert model_args.model_name_or_path == str(tiny_lm_dir)
-    assert Path(script_args.dataset_name) == builtin.bundled_preferences() and args.max_steps == 3
+    assert model_args.model_name_or_path == str(world.model_dir)
+    assert script_args.dataset_name == str(world.data_dir) and script_args.dataset_test_split == "test"
+    assert args.mallows == "phi" and args.max_steps == 3
+
+
+def test_tiny_run_config_selects_the_tiny_model_and_bundled_data(tiny_lm_dir, monkeypatch):
+    monkeypatch.setattr(builtin, "ensure_default_model", lambda: Path(tiny_lm_dir))
+    values = builtin.tiny_run_config()
+    assert values["model_name_or_path"] == str(tiny_lm_dir)
+    assert Path(values["dataset_name"]) == builtin.bundled_preferences()
 
 
 def test_accelerate_config_shortcut_builds_the_launch_command(tmp_path):
