@@ -102,11 +102,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mallowspo.experiments.controllable import ControllableConfig, load_results, write_report
+    from mallowspo.experiments.controllable import ControllableConfig, load_results, write_outputs
 
     out = args.out or f"runs/controllable-{args.family}"
     if args.report_only:
-        paths = write_report(load_results(out), out)
+        paths = write_outputs(load_results(out), out)
         print(f"experiment controllable: redrew {', '.join(str(p) for p in paths.values())}")
         return 0
     if args.seeds < 1:

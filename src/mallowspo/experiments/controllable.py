@@ -544,8 +544,11 @@ _WORKER: WorldRunner | None = None
 
 
 def _worker_init(config: ControllableConfig, world_root: str, out_dir: str, phi_star: float) -> None:
+    from transformers.utils import logging as hf_logging
+
     global _WORKER
     torch.set_num_threads(config.num_threads)
+    hf_logging.disable_progress_bar()
     _WORKER = WorldRunner(config, world_root, out_dir, log=say)
     _WORKER.phi_star = phi_star
 
@@ -569,11 +572,15 @@ def run_controllable(
     trains that many runs at a time in worker processes (each with ``num_threads``)."""
     from mallowspo.world.paths import WorldPaths, ensure_world
 
+    from transformers.utils import logging as hf_logging
+
     start = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.num_threads)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # one "Loading weights" bar per model load; the training bars stay
     timing: dict[str, float] = {}
     try:
         t = time.perf_counter()
@@ -625,6 +632,8 @@ def run_controllable(
         log(f"[4/4] summarising ({timing['training']:.0f}s of training and evaluation)")
     finally:
         torch.set_num_threads(previous_threads)
+        if bars:
+            hf_logging.enable_progress_bar()
     timing["total"] = time.perf_counter() - start
     return {
         "config": asdict(config),
@@ -783,12 +792,15 @@ def matched_kl_comparison(by_method: dict[str, list[dict[str, Any]]], scopes: li
                 for metric in ("reward", "accuracy"):
                     per_seed[m][metric].append(value_at_kl(c, kstar, metric, scope))
         entry: dict[str, Any] = {"kl": mean_ci(kstars), "methods": {}}
+        final = {m: {k: [next(r for r in rs if r["seed"] == s)["checkpoints"][-1][scope][k] for s in seeds] for k in ("reward", "kl")}
+                 for m, rs in by_method.items()}  # fmt: skip
         for m in by_method:
             entry["methods"][m] = {metric: mean_ci(v) for metric, v in per_seed[m].items()}
             if m != "dpo" and "dpo" in by_method:
-                entry["methods"][m]["reward_minus_dpo"] = mean_ci(
-                    [a - b for a, b in zip(per_seed[m]["reward"], per_seed["dpo"]["reward"])]
-                )
+                paired = lambda a, b: mean_ci([x - y for x, y in zip(a, b)])  # noqa: E731
+                entry["methods"][m]["reward_minus_dpo"] = paired(per_seed[m]["reward"], per_seed["dpo"]["reward"])
+                entry["methods"][m]["final_reward_minus_dpo"] = paired(final[m]["reward"], final["dpo"]["reward"])
+                entry["methods"][m]["final_kl_minus_dpo"] = paired(final[m]["kl"], final["dpo"]["kl"])
         out[scope] = entry
     return out
 
@@ -945,7 +957,12 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path
 
 
 def load_results(out_dir: str | Path) -> dict[str, Any]:
-    return json.loads((Path(out_dir) / "results.json").read_text())
+    """results.json of ``out_dir``, its summary recomputed from the runs (so a report redrawn
+    with a newer version of this module has that version's statistics)."""
+    results = json.loads((Path(out_dir) / "results.json").read_text())
+    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in results["config"].items()}
+    results["summary"] = summarize(ControllableConfig(**fields), results["runs"])
+    return results
 
 
 def _fmt(ci: dict[str, Any], digits: int = 3, signed: bool = False) -> str:
@@ -1033,7 +1050,7 @@ def verdict_lines(results: dict[str, Any]) -> list[str]:
             lines.append("The paper's claim (MallowsPO-phi: same reward at a lower KL than DPO) is **contradicted** here.")
         else:
             lines.append("The paper's claim (MallowsPO-phi: same reward at a lower KL than DPO) is **not shown** here "
-                         "(no difference beyond noise at every beta).")
+                         "(at some beta the reward difference at equal KL is within noise).")
     d = results["dispersion"]
     lines.append(
         f"The entropy estimate of -log phi(x) ranks prompts by their true dispersion with Spearman "
@@ -1066,17 +1083,40 @@ def _final_table(results: dict[str, Any], beta: str) -> list[str]:
     return lines
 
 
+def _fmt_diff(ci: dict[str, Any] | None, digits: int = 3) -> str:
+    """A paired difference, with the number of seeds on each side of 0 when there are several."""
+    text = _fmt(ci, digits, signed=True)
+    if ci is not None and ci.get("n", 0) > 1:
+        text += f" ({sum(v > 0 for v in ci['values'])}/{ci['n']} > 0)"
+    return text
+
+
 def _matched_table(results: dict[str, Any], beta: str) -> list[str]:
     entry = results["summary"][beta]
-    lines = ["| prompts | matched KL (nats) | " + " | ".join(f"{LABELS[m]} reward" for m in entry["methods"])
-             + " | " + " | ".join(f"{LABELS[m]} - DPO" for m in entry["methods"] if m != "dpo") + " |"]  # fmt: skip
-    lines.append("|" + "---|" * (2 + len(entry["methods"]) + sum(m != "dpo" for m in entry["methods"])))
+    methods = list(entry["methods"])
+    lines = ["| prompts | matched KL K* (nats) | " + " | ".join(f"{LABELS[m]} reward at K*" for m in methods) + " |"]
+    lines.append("|" + "---|" * (2 + len(methods)))
     for scope in table_scopes(results):
         matched = entry["matched_kl"][scope]
-        cells = [scope, _fmt(matched["kl"], 2)]
-        cells += [_fmt(matched["methods"][m]["reward"]) for m in entry["methods"]]
-        cells += [_fmt(matched["methods"][m].get("reward_minus_dpo"), signed=True) for m in entry["methods"] if m != "dpo"]
+        cells = [scope, _fmt(matched["kl"], 2)] + [_fmt(matched["methods"][m]["reward"]) for m in methods]
         lines.append("| " + " | ".join(cells) + " |")
+    others = [m for m in methods if m != "dpo"]
+    if not others or "dpo" not in methods:
+        return lines
+    lines += [
+        "",
+        "Differences to DPO, paired by seed (mean, 95% t-interval, seeds above 0):",
+        "",
+        "| prompts | method | reward at K* | final reward | final KL (nats) |",
+        "|---|---|---|---|---|",
+    ]
+    for scope in table_scopes(results):
+        for m in others:
+            d = entry["matched_kl"][scope]["methods"][m]
+            lines.append(
+                f"| {scope} | {LABELS[m]} - DPO | {_fmt_diff(d.get('reward_minus_dpo'))} | "
+                f"{_fmt_diff(d.get('final_reward_minus_dpo'))} | {_fmt_diff(d.get('final_kl_minus_dpo'), 2)} |"
+            )
     return lines
 
 
