@@ -13,6 +13,7 @@ import torch
 
 from mallowspo.cli import main
 from mallowspo.experiments import controllable as cg
+from mallowspo.world.lm import sample_completions
 
 torch.set_num_threads(1)
 
@@ -74,8 +75,9 @@ def test_experiment_cli_runs_a_one_seed_micro_config_and_redraws(mini_world, tmp
     assert results["eval_prompts"] > 0
     for run in results["runs"]:
         assert set(run["checkpoints"][0]) >= {"all", "open"} and "closed" not in run["checkpoints"][0]
-        # a family run keeps the phi* fitted on the whole train set
-        assert run["phi_star"] == pytest.approx(results["dispersion"]["phi_star"])
+        # a family run keeps the phi* fitted on the whole train set; DPO has no dispersion
+        expected_phi_star = None if run["method"] == "dpo" else pytest.approx(results["dispersion"]["phi_star"])
+        assert run["phi_star"] == expected_phi_star
     final = results["summary"]["0.1"]["methods"]["phi"]["final"]["all"]["reward"]
     assert final["n"] == 1 and math.isnan(final["lo"])  # one seed: no interval
     (out / "report.md").unlink()
@@ -101,9 +103,9 @@ def test_sampling_leaves_the_global_random_state_alone(mini_world):
     prompts = [cg.encode(tokenizer, "review of the silent harbor:"), cg.encode(tokenizer, "facts about the silver river:")]
     torch.manual_seed(123)
     state = torch.get_rng_state()
-    a = cg.sample_completions(model, prompts, 3, 24, tokenizer.eos_token_id, tokenizer.pad_token_id, seed=5)
+    a = sample_completions(model, prompts, 3, 24, tokenizer.eos_token_id, tokenizer.pad_token_id, seed=5)
     assert torch.equal(torch.get_rng_state(), state)
-    b = cg.sample_completions(model, prompts, 3, 24, tokenizer.eos_token_id, tokenizer.pad_token_id, seed=5)
+    b = sample_completions(model, prompts, 3, 24, tokenizer.eos_token_id, tokenizer.pad_token_id, seed=5)
     assert a == b and len(a) == 6
     done = [s for s in a if s is not None]
     assert all(s[-1] == tokenizer.eos_token_id for s in done)
@@ -180,3 +182,8 @@ def test_a_missing_world_directory_is_an_error_not_a_build(tmp_path, capsys):
     assert not (tmp_path / "nowhere").exists()
     with pytest.raises(FileNotFoundError, match="no complete world"):
         cg.run_controllable(cg.ControllableConfig(), tmp_path / "o", world_root=tmp_path / "nowhere")
+    from mallowspo.world import ensure_world
+
+    with pytest.raises(FileNotFoundError, match="mallowspo world build --out"):
+        ensure_world(tmp_path / "nowhere")
+    assert not (tmp_path / "nowhere").exists()

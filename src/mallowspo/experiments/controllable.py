@@ -60,6 +60,8 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
+from mallowspo.world.lm import sample_completions
+
 METHODS: dict[str, dict[str, Any]] = {
     "dpo": {"mallows": "none"},
     "theta": {"mallows": "theta"},
@@ -226,57 +228,6 @@ def sequence_logps(
     finally:
         model.train(was_training)
     return np.concatenate(out) if out else np.zeros(0)
-
-
-@torch.no_grad()
-def sample_completions(
-    model: torch.nn.Module,
-    prompts: list[list[int]],
-    num_samples: int,
-    max_new_tokens: int,
-    eos_id: int,
-    pad_id: int,
-    seed: int,
-    batch_size: int = 32,
-) -> list[list[int] | None]:
-    """``num_samples`` completions per prompt (prompt-major order), ancestral sampling at
-    temperature 1 without top-k/top-p; each is its token ids up to and including the end
-    token, or None when no end token came within ``max_new_tokens``.
-
-    Returns token ids, not text, so that the KL estimate scores exactly what was sampled
-    (decoding and re-tokenising can change the tokens). Seeded per batch; the caller's
-    random state is restored afterwards."""
-    was_training = model.training
-    model.eval()
-    results: list[list[int] | None] = []
-    try:
-        with torch.random.fork_rng(devices=[]):
-            for b, lo in enumerate(range(0, len(prompts), batch_size)):
-                chunk = prompts[lo : lo + batch_size]
-                width = max(len(p) for p in chunk)
-                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-                attention = torch.zeros_like(ids)
-                for i, p in enumerate(chunk):  # left padding for generation
-                    ids[i, width - len(p) :] = torch.tensor(p)
-                    attention[i, width - len(p) :] = 1
-                torch.manual_seed(seed * 1_000_003 + b)
-                generated = model.generate(
-                    input_ids=ids,
-                    attention_mask=attention,
-                    do_sample=True,
-                    temperature=1.0,
-                    top_k=0,
-                    top_p=1.0,
-                    num_return_sequences=num_samples,
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=eos_id,
-                    pad_token_id=pad_id,
-                )
-                for row in generated[:, width:].tolist():
-                    results.append(row[: row.index(eos_id) + 1] if eos_id in row else None)
-    finally:
-        model.train(was_training)
-    return results
 
 
 def evaluate_policy(
@@ -570,7 +521,7 @@ def run_controllable(
 
     Returns the results dict (``write_outputs`` writes it and the report). ``jobs`` > 1
     trains that many runs at a time in worker processes (each with ``num_threads``)."""
-    from mallowspo.world.paths import WorldPaths, ensure_world
+    from mallowspo.world.paths import ensure_world
 
     from transformers.utils import logging as hf_logging
 
@@ -584,11 +535,6 @@ def run_controllable(
     timing: dict[str, float] = {}
     try:
         t = time.perf_counter()
-        if world_root is not None and not WorldPaths(Path(world_root)).is_complete():
-            raise FileNotFoundError(
-                f"no complete world at {world_root} (model/, world.json and data/ expected); build one with "
-                f"`mallowspo world build --out {world_root}`, or leave the world out to use the built-in one"
-            )
         world = ensure_world(world_root, log=log)
         timing["world"] = time.perf_counter() - t
         log(f"[1/4] world: {world.root} ({timing['world']:.0f}s)")

@@ -149,6 +149,58 @@ def document_nll(
 
 
 @torch.no_grad()
+def sample_completions(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    num_samples: int,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    seed: int,
+    batch_size: int = 32,
+) -> list[list[int] | None]:
+    """``num_samples`` completions per prompt (prompt-major order) by ancestral sampling at
+    temperature 1 (no top-k, no top-p), with ``model.generate``. Each is its token ids up to
+    and including the end token, or None when no end token came within ``max_new_tokens``
+    (it is not a finished response).
+
+    Token ids, not text, so that a KL estimate scores exactly what was sampled (decoding and
+    re-tokenising can change the tokens). Each batch of prompts is seeded with (seed, batch
+    index), so results do not depend on what ran before (they do depend on ``batch_size``);
+    the caller's random state and the model's train/eval mode are restored afterwards."""
+    was_training = model.training
+    model.eval()
+    results: list[list[int] | None] = []
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for b, lo in enumerate(range(0, len(prompts), batch_size)):
+                chunk = prompts[lo : lo + batch_size]
+                width = max(len(p) for p in chunk)
+                ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                attention = torch.zeros_like(ids)
+                for i, p in enumerate(chunk):  # left padding for generation
+                    ids[i, width - len(p) :] = torch.tensor(p)
+                    attention[i, width - len(p) :] = 1
+                torch.manual_seed(seed * 1_000_003 + b)
+                generated = model.generate(
+                    input_ids=ids,
+                    attention_mask=attention,
+                    do_sample=True,
+                    temperature=1.0,
+                    top_k=0,
+                    top_p=1.0,
+                    num_return_sequences=num_samples,
+                    max_new_tokens=max_new_tokens,
+                    eos_token_id=eos_id,
+                    pad_token_id=pad_id,
+                )
+                for row in generated[:, width:].tolist():
+                    results.append(row[: row.index(eos_id) + 1] if eos_id in row else None)
+    finally:
+        model.train(was_training)
+    return results
+
+
 def sample_responses(
     model: torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -158,42 +210,10 @@ def sample_responses(
     seed: int,
     batch_size: int = 32,
 ) -> list[list[str | None]]:
-    """``num_samples`` responses per prompt by ancestral sampling at temperature 1 (no
-    top-k, no top-p), with ``model.generate``. A sample that hits ``max_new_tokens``
-    without the end token is returned as None (it is not a finished response).
-
-    Each batch of prompts is seeded with (seed, batch index), so results do not depend on
-    what ran before (they do depend on ``batch_size``); the global RNG state is restored.
-    """
-    model.eval()
-    results: list[list[str | None]] = []
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        for b, lo in enumerate(range(0, len(prompts), batch_size)):
-            chunk = prompts[lo : lo + batch_size]
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG untouched
-                torch.manual_seed(seed * 1_000_003 + b)
-                generated = model.generate(
-                    **enc,
-                    do_sample=True,
-                    temperature=1.0,
-                    top_k=0,
-                    top_p=1.0,
-                    num_return_sequences=num_samples,
-                    max_new_tokens=max_new_tokens,
-                    eos_token_id=tokenizer.eos_token_id,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            new = generated[:, enc["input_ids"].shape[1] :]
-            texts: list[str | None] = []
-            for row in new.tolist():
-                if tokenizer.eos_token_id not in row:
-                    texts.append(None)
-                    continue
-                texts.append(tokenizer.decode(row[: row.index(tokenizer.eos_token_id)], skip_special_tokens=False))
-            results += [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk))]
-    finally:
-        tokenizer.padding_side = previous_side
-    return results
+    """``sample_completions`` for text prompts: ``num_samples`` decoded responses per prompt
+    (without the end token), None for an unfinished sample."""
+    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    eos = tokenizer.eos_token_id
+    flat = sample_completions(model, prompt_ids, num_samples, max_new_tokens, eos, tokenizer.pad_token_id, seed, batch_size)
+    texts = [None if ids is None else tokenizer.decode(ids[:-1], skip_special_tokens=False) for ids in flat]
+    return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]

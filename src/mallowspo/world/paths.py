@@ -89,9 +89,21 @@ def locate_world() -> WorldPaths:
 
 
 def ensure_world(root: str | Path | None = None, log=print) -> WorldPaths:
-    """A complete world (model + data), built at ``root`` (default: ``locate_world()``)
-    if it is missing there. Building takes a few minutes on two CPU cores."""
-    paths = WorldPaths(Path(root)) if root is not None else locate_world()
+    """A complete world (model + data).
+
+    With ``root``, the world must already be complete there: a directory the user names is
+    never filled by a silent multi-minute build (``mallowspo world build --out`` does that).
+    Without it, ``locate_world()`` picks the world; only when neither the user directory nor
+    the shipped assets hold one is it built in the user directory (a few minutes, once)."""
+    if root is not None:
+        paths = WorldPaths(Path(root))
+        if not paths.is_complete():
+            raise FileNotFoundError(
+                f"no complete world at {root} (model/, world.json and data/ expected); build one with "
+                f"`mallowspo world build --out {root}`, or leave the world out to use the built-in one"
+            )
+        return paths
+    paths = locate_world()
     if not paths.has_model():
         from mallowspo.world.build import WorldConfig, build_world_model
 
