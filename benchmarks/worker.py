@@ -349,17 +349,15 @@ def run_loop(job: dict) -> dict:
 
 def run_refpass(job: dict) -> dict:
     """Throughput of mallowspo's reference pass (``compute_reference_columns``) with the
-    entropy statistic (fused head outputs log_probs + entropy, as the trainer uses) and
-    without it (log_probs only, what TRL's reference pass computes), on the first
-    ``refpass_batches`` batches of the data. The two are timed alternately (ABBA), in the
-    same process, on two copies of the same weights."""
+    entropy statistic (as the trainer runs it) and without it (log-probs only, what TRL's
+    reference pass computes), on the first ``refpass_batches`` batches of the data. The two
+    are timed alternately (ABBA), in the same process, on the same model."""
     import numpy as np
     from accelerate import Accelerator
-    from trl.trainer.utils import add_fused_lm_head
-
     from mallowspo.collate import PreferenceCollator
     from mallowspo.data import DataConfig, prepare_preference_dataset
-    from mallowspo.reference import FUSED_HEAD_OUTPUTS, compute_reference_columns
+    from mallowspo.head import add_completion_head
+    from mallowspo.reference import compute_reference_columns
 
     w, s, assets = Workload.from_dict(job["workload"]), Settings.from_dict(job["settings"]), Path(job["assets"])
     repeats = int(s.extra.get("refpass_repeats", 3))
@@ -372,17 +370,15 @@ def run_refpass(job: dict) -> dict:
     dataset = dataset.select(range(min(len(dataset), n_batches * w.batch_pairs)))
     warmup_set = dataset.select(range(w.batch_pairs))
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id)
-    models = {}
-    for label, outputs in (("with_entropy", FUSED_HEAD_OUTPUTS), ("without_entropy", ("log_probs",))):
-        model = _load_model(assets, s)
-        add_fused_lm_head(model, outputs=outputs)
-        models[label] = model
+    model = _load_model(assets, s)
+    add_completion_head(model)
 
     def one_pass(label, data):
         _sync(s.device)
         start = time.perf_counter()
         columns = compute_reference_columns(
-            models[label], data, collator, accelerator, w.batch_pairs, w.vocab_size, desc=label
+            model, data, collator, accelerator, w.batch_pairs, w.vocab_size, desc=label,
+            with_entropy=label == "with_entropy",
         )
         _sync(s.device)
         return time.perf_counter() - start, columns

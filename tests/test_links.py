@@ -218,6 +218,17 @@ def test_phi_link_monotone_in_s(a, b, phi):
     assert float(g[0]) <= float(g[1]) + 1e-15
 
 
+def test_phi_link_is_monotone_and_exact_next_to_zero():
+    """Found by hypothesis: at |s| ~ 1e-113 the log form of r(a) = a / expm1(a L) lost 1e-14
+    to cancellation and g(4e-113) came out above g(1e-79). g(0+) = 1 - (1/L - r(1)) exactly."""
+    L = torch.tensor(0.5, dtype=f64)
+    s = torch.tensor([4.436e-113, 9.88e-80, 1e-20, 1e-8], dtype=f64)
+    g = torch.exp(log_phi_link(s, L))
+    assert bool((g[1:] >= g[:-1]).all())
+    limit = 1.0 - (1.0 / 0.5 - 1.0 / math.expm1(0.5))
+    assert float(g[0]) == pytest.approx(limit, rel=1e-15)
+
+
 def test_theorem1_tabular_optimal_policy_reproduces_preferences():
     # Statement 8: with r*(y) = -mu0(y), the optimal policy pi = pi_ref exp(r*/beta) / Z
     # has beta * Delta = mu0(yl) - mu0(yw), and g_phi of it is the true preference p*.
@@ -261,7 +272,7 @@ def test_cubic_patch_lower_half_has_no_cancellation(phi, eps):
     s = torch.tensor([-half, -half * (1 - 1e-7), -half * (1 + 1e-7)], dtype=f64, requires_grad=True)
     out = log_cubic_smoothed_phi_link(s, L, eps)
     assert bool(torch.isfinite(out).all())
-    assert float(out[0]) == pytest.approx(float(log_phi_link(torch.tensor(-half, dtype=f64), L)), rel=1e-9)
+    assert float(out[0].detach()) == pytest.approx(float(log_phi_link(torch.tensor(-half, dtype=f64), L)), rel=1e-9)
     (grad,) = torch.autograd.grad(out.sum(), s)
     assert bool(torch.isfinite(grad).all())
     if eps == 0.1:

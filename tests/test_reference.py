@@ -10,12 +10,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl.trainer.utils import add_fused_lm_head
 
 from mallowspo.collate import PreferenceCollator
 from mallowspo.data import DataConfig, load_preference_dataset, prepare_preference_dataset
+from mallowspo.head import add_completion_head
 from mallowspo.reference import (
-    FUSED_HEAD_OUTPUTS,
     cache_dir_for,
     compute_reference_columns,
     load_or_compute_reference_columns,
@@ -43,7 +42,7 @@ def dataset(tiny_prefs_path, tokenizer):
 
 def load_patched(path, dtype=torch.float32):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    add_fused_lm_head(model, outputs=FUSED_HEAD_OUTPUTS)
+    add_completion_head(model)
     return model.eval()
 
 
@@ -62,9 +61,7 @@ def naive_scores(model, prompt_ids, completion_ids):
 
 
 def test_reference_pass_equals_naive_full_logits_float64(tiny_lm_dir, dataset, tokenizer):
-    """A float64 model; the naive side is exact float64. TRL's fused head accumulates its
-    log-sum-exp in float32 whatever the model dtype, so agreement is to float32 rounding
-    (relative 1e-6), far below any difference that would matter for training."""
+    """A float64 model; the naive side is exact float64, and so is the CPU completion head."""
     model = load_patched(tiny_lm_dir, torch.float64)
     columns = compute_reference_columns(
         model, dataset, PreferenceCollator(tokenizer.pad_token_id), Accelerator(cpu=True),
@@ -73,8 +70,8 @@ def test_reference_pass_equals_naive_full_logits_float64(tiny_lm_dir, dataset, t
     for i, row in enumerate(dataset):
         for side in ("chosen", "rejected"):
             logp, entropy = naive_scores(model, row["prompt_input_ids"], row[f"{side}_input_ids"])
-            assert columns[f"ref_{side}_logps"][i] == pytest.approx(logp, rel=1e-6, abs=1e-6)
-            assert columns[f"ref_{side}_entropy"][i] == pytest.approx(entropy, rel=1e-6, abs=1e-6)
+            assert columns[f"ref_{side}_logps"][i] == pytest.approx(logp, rel=1e-12, abs=1e-12)
+            assert columns[f"ref_{side}_entropy"][i] == pytest.approx(entropy, rel=1e-12, abs=1e-12)
         hbar = 0.5 * (columns["ref_chosen_entropy"][i] + columns["ref_rejected_entropy"][i]) / math.log(model.config.vocab_size)
         assert columns["hbar"][i] == pytest.approx(hbar, abs=1e-12)
 

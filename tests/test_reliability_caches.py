@@ -16,11 +16,11 @@ import pytest
 import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl.trainer.utils import add_fused_lm_head
 
 from mallowspo.collate import PreferenceCollator
 from mallowspo.data import DataConfig, load_preference_dataset, prepare_preference_dataset
-from mallowspo.reference import FUSED_HEAD_OUTPUTS, load_or_compute_reference_columns, token_fingerprint, weights_fingerprint
+from mallowspo.head import add_completion_head
+from mallowspo.reference import load_or_compute_reference_columns, token_fingerprint, weights_fingerprint
 
 torch.set_num_threads(1)
 
@@ -37,7 +37,7 @@ def inputs(tiny_lm_dir, tiny_prefs_path):
 
 def patched(model):
     model = copy.deepcopy(model)
-    add_fused_lm_head(model, outputs=FUSED_HEAD_OUTPUTS)
+    add_completion_head(model)
     return model.eval()
 
 

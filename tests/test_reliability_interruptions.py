@@ -126,17 +126,16 @@ Pass = namedtuple("Pass", "model dataset collator tokenizer")
 @pytest.fixture(scope="module")
 def reference_inputs(tiny_lm_dir, tiny_prefs_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from trl.trainer.utils import add_fused_lm_head
 
     from mallowspo.collate import PreferenceCollator
     from mallowspo.data import DataConfig, load_preference_dataset, prepare_preference_dataset
-    from mallowspo.reference import FUSED_HEAD_OUTPUTS
+    from mallowspo.head import add_completion_head
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
     raw = load_preference_dataset(str(tiny_prefs_path)).select(range(32))
     dataset, _ = prepare_preference_dataset(raw, tokenizer, DataConfig(max_length=48, max_prompt_length=24))
     model = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)
-    add_fused_lm_head(model, outputs=FUSED_HEAD_OUTPUTS)
+    add_completion_head(model)
     return Pass(model.eval(), dataset, PreferenceCollator(tokenizer.pad_token_id), tokenizer)
 
 

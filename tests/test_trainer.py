@@ -11,12 +11,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl.trainer.utils import add_fused_lm_head
 from safetensors.torch import load_file
 
 from mallowspo.config import MallowsPOConfig
 from mallowspo.data import load_preference_dataset
-from mallowspo.reference import FUSED_HEAD_OUTPUTS, compute_reference_columns
+from mallowspo.head import add_completion_head
+from mallowspo.reference import compute_reference_columns
 from mallowspo.trainer import MallowsPOTrainer, MetricAccumulator, ensure_pad_token
 
 torch.set_num_threads(1)
@@ -82,7 +82,7 @@ def test_lora_reference_is_the_adapter_disabled_model(tiny_lm_dir, raw_data, tmp
 
     data = trainer.train_dataset
     base = AutoModelForCausalLM.from_pretrained(tiny_lm_dir)  # independent: a fresh base model
-    add_fused_lm_head(base, outputs=FUSED_HEAD_OUTPUTS)
+    add_completion_head(base)
     fresh = compute_reference_columns(base, data, trainer.data_collator, Accelerator(cpu=True), 16, 512)
     with trainer.model.disable_adapter():
         disabled = compute_reference_columns(trainer.model, data, trainer.data_collator, Accelerator(cpu=True), 16, 512)
@@ -119,13 +119,13 @@ def test_simpo_with_mallows_uses_initial_policy_entropy(tiny_lm_dir, raw_data, t
 
 def test_metric_accumulator_pools_examples():
     acc = MetricAccumulator()
-    acc.update("rewards/accuracies", torch.tensor([1.0, 0.0, 1.0]))  # micro-batch of 3
-    acc.update("rewards/accuracies", torch.tensor([1.0]))  # micro-batch of 1
-    acc.update("mallows/neg_log_phi", torch.tensor([0.5, 2.0]))
-    acc.update("mallows/neg_log_phi", torch.tensor([1.5]))
+    names = ["rewards/accuracies", "mallows/neg_log_phi"]
+    assert acc.update(names, torch.tensor([[1.0, 0.5], [0.0, 2.0], [1.0, 1.0]]))  # micro-batch of 3
+    assert acc.update(names, torch.tensor([[1.0, 0.5, 7.0]]))  # micro-batch of 1; column 3 only checked
+    assert not acc.update(names, torch.tensor([[0.0, 0.5, float("nan")]]))  # a NaN anywhere: nothing added
     assert acc.pop() == {
         "rewards/accuracies": 0.75,  # per example, not the mean of the micro-batch means (0.83)
-        "mallows/neg_log_phi_mean": pytest.approx(4.0 / 3),
+        "mallows/neg_log_phi_mean": pytest.approx(4.0 / 4),
         "mallows/neg_log_phi_min": 0.5,
         "mallows/neg_log_phi_max": 2.0,
     }
@@ -177,6 +177,17 @@ def test_save_model_writes_hf_model_card_config_and_dispersion(tiny_lm_dir, raw_
 
     resolved = yaml.safe_load((out / "mallowspo_config.yaml").read_text())
     assert resolved["training"]["mallows"] == "phi" and resolved["training"]["phi_star"] == pytest.approx(trainer.phi_star)
+
+
+def test_plain_dpo_run_has_no_dispersion_metrics_or_file(tiny_lm_dir, raw_data, tmp_path, mallowspo_cache):
+    trainer = make_trainer(tiny_lm_dir, raw_data, tmp_path, max_steps=2, logging_steps=1, mallows="none")
+    assert "neg_log_phi" not in trainer.train_dataset.column_names
+    trainer.train()
+    trainer.save_model()
+    train_logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert train_logs and "rewards/margins" in train_logs[-1]
+    assert not [name for log in train_logs for name in log if name.startswith("mallows/")]
+    assert not (tmp_path / "out" / "dispersion.jsonl").exists()
 
 
 def test_resume_from_checkpoint_matches_uninterrupted_run(tiny_lm_dir, raw_data, tmp_path, mallowspo_cache):

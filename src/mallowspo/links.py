@@ -48,10 +48,22 @@ def theta_link(s: torch.Tensor, phi: torch.Tensor | float) -> torch.Tensor:
     return torch.sigmoid(torch.where(s == 0, torch.zeros_like(z), z))  # phi = 0, s = 0: 1/2, not inf * 0
 
 
+def _log_b(x: torch.Tensor) -> torch.Tensor:
+    """log B(x) = log(x / expm1(x)) for x > 0 (float64).
+
+    Below 1e-3 the series log(1 - x/2 + x^2/12 - x^4/720) is used: the direct form
+    log x - x - log(1 - e^-x) subtracts two large logs there (~ -260 at x = 1e-113) and
+    loses ~1e-14 absolutely, enough to break the monotonicity of g near s = 0."""
+    small = x < 1e-3
+    xs = torch.where(small, x, torch.zeros_like(x))
+    series = torch.log1p(-xs / 2.0 + xs.pow(2) / 12.0 - xs.pow(4) / 720.0)
+    xl = torch.where(small, torch.ones_like(x), x)
+    return torch.where(small, series, torch.log(xl) - xl - log1mexp(xl))
+
+
 def _log_r(a: torch.Tensor, neg_log_phi: torch.Tensor) -> torch.Tensor:
-    """log of r(a) = a / expm1(a L) for a > 0, L > 0 (float64)."""
-    x = a * neg_log_phi
-    return torch.log(a) - x - log1mexp(x)
+    """log of r(a) = a / expm1(a L) = B(a L) / L for a > 0, L > 0 (float64)."""
+    return _log_b(a * neg_log_phi) - torch.log(neg_log_phi)
 
 
 def log_phi_link_upper_tail(a: torch.Tensor, neg_log_phi: torch.Tensor) -> torch.Tensor:
@@ -221,19 +233,13 @@ def smoothing_eps(neg_log_phi: torch.Tensor, eps: float | str) -> torch.Tensor:
     return torch.full_like(neg_log_phi, float(eps), dtype=torch.float64)
 
 
-def log_cubic_smoothed_phi_link(
-    s: torch.Tensor, neg_log_phi: torch.Tensor, eps: float | str = 0.1
-) -> torch.Tensor:
-    """Smoothing (ii): g_phi with a cubic patch P(s) on [-eps, eps] (C1 at +-eps).
+def _log_cubic_link_and_log_slope(
+    s: torch.Tensor, neg_log_phi: torch.Tensor, eps: float | str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """log g and log g' of the cubic-smoothed phi link, float64, broadcast shape (no autograd needed).
 
-    Differentiable everywhere, including s = 0, where P'(0) = a1 > 0. ``eps`` is a fixed
-    half-width (the paper suggests 0.1; the default) or "adaptive" (eps = -2 log phi(x)).
-
-    On the lower half, s = -t with t in [0, eps], P(s) = 1 - P(t) is tiny when phi is small
-    and would cancel; it is evaluated as a sum of positive terms,
-        1 - P(t) = (1 - G) + (eps - t) [D - a3 (eps - t) (t + 2 eps)],   a3 < 0.
-    Returns log g, in the dtype of ``s``.
-    """
+    Inside the patch g' = P'(s) = 3 a3 s^2 + a1 on both halves (P' is even); outside it is
+    eq. 12 (``log_phi_link_derivative``)."""
     s64, L = torch.broadcast_tensors(s.to(torch.float64), neg_log_phi.to(torch.float64))
     half_width = smoothing_eps(L, eps)
     a3, a1, log_one_minus_G, D = cubic_patch_coefficients(half_width, L)
@@ -249,8 +255,48 @@ def log_cubic_smoothed_phi_link(
     lower = torch.where(at_join, log_one_minus_G, torch.log(one_minus_P.clamp(min=1e-300)))  # log(1 - P(t))
     patch = torch.where(s64 >= 0, upper, lower)
     s_outside = torch.where(inside, half_width, s64)  # keeps the unused branch away from the jump
-    exact = log_phi_link(s_outside, L)
-    return torch.where(inside, patch, exact).to(s.dtype)
+    log_g = torch.where(inside, patch, log_phi_link(s_outside, L))
+    log_slope = torch.where(
+        inside, torch.log(3.0 * a3 * s_in.pow(2) + a1), log_phi_link_derivative(s_outside, L)
+    )
+    return log_g, log_slope
+
+
+class _LogCubicSmoothedPhiLink(torch.autograd.Function):
+    """log g of the cubic-smoothed phi link with the analytic derivative d log g / ds = g'/g.
+
+    About a hundred float64 element-wise ops give the value; autograd through them would
+    record and replay every one (launch-bound on a GPU). Here the backward is one product."""
+
+    @staticmethod
+    def forward(ctx, s, neg_log_phi, eps):
+        log_g, log_slope = _log_cubic_link_and_log_slope(s, neg_log_phi, eps)
+        ctx.save_for_backward(torch.exp(log_slope - log_g))
+        ctx.s_shape, ctx.s_dtype = s.shape, s.dtype
+        return log_g.to(s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (d_log_g,) = ctx.saved_tensors
+        grad_s = (grad.to(torch.float64) * d_log_g).sum_to_size(ctx.s_shape).to(ctx.s_dtype)
+        return grad_s, None, None
+
+
+def log_cubic_smoothed_phi_link(
+    s: torch.Tensor, neg_log_phi: torch.Tensor, eps: float | str = 0.1
+) -> torch.Tensor:
+    """Smoothing (ii): g_phi with a cubic patch P(s) on [-eps, eps] (C1 at +-eps).
+
+    Differentiable everywhere, including s = 0, where P'(0) = a1 > 0. ``eps`` is a fixed
+    half-width (the paper suggests 0.1; the default) or "adaptive" (eps = -2 log phi(x)).
+
+    On the lower half, s = -t with t in [0, eps], P(s) = 1 - P(t) is tiny when phi is small
+    and would cancel; it is evaluated as a sum of positive terms,
+        1 - P(t) = (1 - G) + (eps - t) [D - a3 (eps - t) (t + 2 eps)],   a3 < 0.
+    Returns log g, in the dtype of ``s``; differentiable in ``s`` (analytic g'/g), not in
+    ``neg_log_phi`` (a constant of the reference model).
+    """
+    return _LogCubicSmoothedPhiLink.apply(s, neg_log_phi, eps)
 
 
 PHI_SMOOTHINGS = ("cubic", "sigmoid", "none")

@@ -1,8 +1,8 @@
 """The reference pass: one pass of the reference model over the preference data, and its cache.
 
 For each pair it computes, batch by batch (memory bounded: only per-pair numbers are
-kept, and the fused LM head scores tokens without building (batch, length, vocab)
-logits):
+kept, and ``mallowspo.head`` scores completion tokens without building (batch, length,
+vocab) logits):
 
     ref_chosen_logps, ref_rejected_logps      summed completion log-probs (nats)
     ref_chosen_entropy, ref_rejected_entropy  mean per-token entropy of the next-token
@@ -55,7 +55,6 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT_VERSION = 1
 TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_entropy", "ref_rejected_entropy", "hbar")
-FUSED_HEAD_OUTPUTS = ("log_probs", "entropy")
 STALE_TMP_SECONDS = 3600  # a temp dir of a cache write older than this was left by a killed writer
 
 
@@ -78,11 +77,15 @@ class CompletionScores:
     lengths: torch.Tensor
 
 
-def score_completions(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> CompletionScores:
-    """Run ``model`` (patched with TRL's fused LM head) on a ``PreferenceCollator`` batch.
+def score_completions(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], with_entropy: bool = False
+) -> CompletionScores:
+    """Run ``model`` (patched by ``mallowspo.head.add_completion_head``) on a ``PreferenceCollator`` batch.
 
-    Position t of the fused outputs scores token t + 1, so the completion mask is shifted
-    by one. Prompt tokens get the label -100 and are never projected through the LM head.
+    Position t of the head's outputs scores token t + 1, so the completion mask is shifted
+    by one. Prompt tokens get the label -100 and are not projected through the LM head
+    (except by TRL's head on devices without Triton, which ``add_completion_head`` avoids).
+    The mean entropy is zero unless ``with_entropy``.
     """
     completion_mask = batch["completion_mask"]
     labels = batch["input_ids"].masked_fill(completion_mask == 0, -100)
@@ -90,7 +93,8 @@ def score_completions(model: torch.nn.Module, batch: dict[str, torch.Tensor]) ->
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
         labels=labels,
-        fused_lm_head=True,
+        completion_head=True,
+        with_entropy=with_entropy,
         use_cache=False,
     )
     mask = completion_mask[:, 1:]
@@ -130,8 +134,10 @@ def compute_reference_columns(
     vocab_size: int,
     reference_context: Callable[[], AbstractContextManager] = nullcontext,
     desc: str = "reference pass",
+    with_entropy: bool = True,
 ) -> dict[str, np.ndarray]:
-    """One pass of the reference model over ``dataset``; returns the ``REFERENCE_COLUMNS`` (N,) float64.
+    """One pass of the reference model over ``dataset``; returns the ``REFERENCE_COLUMNS`` (N,) float64
+    (only the two log-prob columns when not ``with_entropy``: what a plain DPO pass computes).
 
     Batches are sharded over processes and gathered back in dataset order. Only (B,)
     numbers per batch are kept. ``reference_context`` wraps each forward (e.g. a PEFT
@@ -150,7 +156,7 @@ def compute_reference_columns(
     try:
         for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process):
             with reference_context(), accelerator.autocast():
-                scores = score_completions(model, batch)
+                scores = score_completions(model, batch, with_entropy=with_entropy)
             chosen_logps, rejected_logps = split_pairs(scores.logps.double())
             chosen_entropy, rejected_entropy = split_pairs(scores.mean_entropy.double())
             stacked = torch.stack([chosen_logps, rejected_logps, chosen_entropy, rejected_entropy], dim=1)
@@ -160,6 +166,8 @@ def compute_reference_columns(
     finally:
         model.train(was_training)
     columns = {name: torch.cat(values) for name, values in parts.items()}
+    if not with_entropy:
+        return {name: columns[name].numpy() for name in ("ref_chosen_logps", "ref_rejected_logps")}
     columns["hbar"] = normalized_entropy(columns["ref_chosen_entropy"], columns["ref_rejected_entropy"], vocab_size)
     return {name: values.numpy() for name, values in columns.items()}
 

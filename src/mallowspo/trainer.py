@@ -4,8 +4,9 @@ Life of a run:
 
 1. Data: raw preference rows are validated and tokenized by ``mallowspo.data``
    (already tokenized datasets, with ``prompt_input_ids``, are used as they are).
-2. Models: the policy (and a separate reference, if any) get TRL's fused LM head, which
-   returns per-token log-probs and entropies without building full logits. The reference is
+2. Models: the policy (and a separate reference, if any) get the completion head
+   (``mallowspo.head``), which returns per-token log-probs (and, for the reference pass,
+   entropies) of completion tokens without full-batch logits. The reference is
    - ``ref_model`` when given;
    - with LoRA (``peft_config`` or a PEFT model): the policy with its adapter disabled;
    - for full fine-tuning: the initial policy. The reference pass runs before step 0 on
@@ -41,15 +42,15 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, Trainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import disable_gradient_checkpointing
-from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, get_config_model_id
+from trl.trainer.utils import disable_dropout_in_model, get_config_model_id
 
 from mallowspo.collate import PreferenceCollator, split_pairs
 from mallowspo.config import MallowsPOConfig
 from mallowspo.dispersion import estimate_neg_log_phi
+from mallowspo.head import add_completion_head
 from mallowspo.losses import PreferenceLossOutput, preference_loss
 from mallowspo.model_card import dispersion_summary, render_model_card, write_resolved_config
 from mallowspo.reference import (
-    FUSED_HEAD_OUTPUTS,
     ReferenceResult,
     load_or_compute_reference_columns,
     score_completions,
@@ -240,7 +241,7 @@ def is_peft_model(model: torch.nn.Module) -> bool:
 
 
 def wrap_with_peft(model: PreTrainedModel, peft_config: Any, activation_checkpointing: bool) -> torch.nn.Module:
-    """``peft.get_peft_model``, after the fused head was added to the base model."""
+    """``peft.get_peft_model``, after the completion head was added to the base model."""
     from peft import get_peft_model
 
     if activation_checkpointing:
@@ -268,15 +269,27 @@ class MetricAccumulator:
         self._min: dict[str, float] = {}
         self._max: dict[str, float] = {}
 
-    def update(self, name: str, values: torch.Tensor) -> None:
-        """Add the (N,) per-example ``values`` (already gathered from all processes)."""
-        values = values.detach().double()
+    def update(self, names: list[str], values: torch.Tensor) -> bool:
+        """Add per-example ``values`` (N, M), already gathered from all processes: column i is
+        metric ``names[i]``; columns past ``len(names)`` are only checked for finiteness.
+
+        One device-to-host copy (sums, minima, maxima and a finiteness flag together), so a
+        GPU step waits once. Returns False, and adds nothing, if any value is NaN or inf."""
+        values = values.detach().float()
         if values.numel() == 0:
-            return
-        self._sum[name] = self._sum.get(name, 0.0) + float(values.sum())
-        self._count[name] = self._count.get(name, 0) + values.numel()
-        self._min[name] = min(self._min.get(name, float("inf")), float(values.min()))
-        self._max[name] = max(self._max.get(name, float("-inf")), float(values.max()))
+            return True
+        k = len(names)
+        finite = torch.isfinite(values).all().to(values.dtype).reshape(1)
+        named = values[:, :k]
+        stats = torch.cat([named.sum(0), named.amin(0), named.amax(0), finite]).double().cpu().tolist()
+        if not stats[-1]:
+            return False
+        for i, name in enumerate(names):
+            self._sum[name] = self._sum.get(name, 0.0) + stats[i]
+            self._count[name] = self._count.get(name, 0) + values.size(0)
+            self._min[name] = min(self._min.get(name, float("inf")), stats[k + i])
+            self._max[name] = max(self._max.get(name, float("-inf")), stats[2 * k + i])
+        return True
 
     def pop(self) -> dict[str, float]:
         """The means (and ``_min``/``_max`` for ``WITH_EXTREMES``) since the last pop; then reset."""
@@ -399,7 +412,7 @@ class MallowsPOTrainer(Trainer):
     def _prepare_models(
         self, model: torch.nn.Module, ref_model: PreTrainedModel | None, args: MallowsPOConfig, peft_config: Any
     ) -> tuple[torch.nn.Module, PreTrainedModel | None]:
-        """Copy the reference if one must be kept, add fused heads, disable dropout, wrap with PEFT."""
+        """Copy the reference if one must be kept, add completion heads, disable dropout, wrap with PEFT."""
         peft = peft_config is not None or is_peft_model(model)
         if peft_config is not None and is_peft_model(model):
             raise ValueError("model is already a PEFT model: pass peft_config=None, or pass the base model")
@@ -407,13 +420,13 @@ class MallowsPOTrainer(Trainer):
         self._reference_kind = "ref_model" if ref_model is not None else ("adapter" if peft else "policy")
         if ref_model is None and online_reference and not peft:
             # Full fine-tuning with per-step reference log-probs: keep a frozen copy of the
-            # initial weights (made before the fused head is added, so each model has its own).
+            # initial weights (made before the head is patched, so each model has its own).
             ref_model = copy.deepcopy(model)
             self._reference_kind = "copy"
         base = model.get_base_model() if is_peft_model(model) else model
-        add_fused_lm_head(base, outputs=FUSED_HEAD_OUTPUTS)
+        add_completion_head(base)
         if ref_model is not None:
-            add_fused_lm_head(ref_model, outputs=FUSED_HEAD_OUTPUTS)
+            add_completion_head(ref_model)
             ref_model.eval().requires_grad_(False)
         if args.disable_dropout:
             disable_dropout_in_model(model)
@@ -487,7 +500,9 @@ class MallowsPOTrainer(Trainer):
 
     def _neg_log_phi(self, dataset: datasets.Dataset, name: str) -> np.ndarray | None:
         """-log phi(x) per pair from the configured source; None when it cannot be known
-        (entropy source without a reference pass, which happens only with mallows='none')."""
+        (with mallows='none' the loss has no dispersion, so none is attached, logged or written)."""
+        if self.args.mallows == "none":
+            return None
         source = self.args.dispersion_source
         if source == "constant":
             return np.full(len(dataset), self.args.dispersion_constant)
@@ -576,16 +591,14 @@ class MallowsPOTrainer(Trainer):
         }
         if "neg_log_phi" in inputs:
             per_example["mallows/neg_log_phi"] = inputs["neg_log_phi"]
-        if "ref_chosen_entropy" in inputs:
+        if "ref_chosen_entropy" in inputs and self.args.mallows != "none":
             per_example["mallows/ref_entropy_mean"] = 0.5 * (inputs["ref_chosen_entropy"] + inputs["ref_rejected_entropy"])
         names = list(per_example)
         columns = [per_example[n].detach().float() for n in names] + [output.losses.detach().float()]
         stacked = self.accelerator.gather_for_metrics(torch.stack(columns, dim=1))
-        if not bool(torch.isfinite(stacked).all()):  # every process sees the same gathered values
-            self._raise_non_finite(names + ["loss"], stacked, model.training)
         accumulator = self._metrics["train" if model.training else "eval"]
-        for i, name in enumerate(names):
-            accumulator.update(name, stacked[:, i])
+        if not accumulator.update(names, stacked):  # every process sees the same gathered values; loss checked too
+            self._raise_non_finite(names + ["loss"], stacked, model.training)
 
     def _raise_non_finite(self, names: list[str], stacked: torch.Tensor, training: bool) -> None:
         """Stop with FloatingPointError instead of logging NaN (the Trainer would step on it)."""

@@ -53,13 +53,13 @@ def compute_dispersion(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     import torch
     from accelerate import Accelerator
     from transformers import AutoTokenizer
-    from trl.trainer.utils import add_fused_lm_head
 
     from mallowspo.collate import PreferenceCollator
     from mallowspo.config import number_or_keyword
     from mallowspo.data import DataConfig, load_preference_dataset, prepare_preference_dataset
     from mallowspo.dispersion import estimate_neg_log_phi
-    from mallowspo.reference import FUSED_HEAD_OUTPUTS, load_or_compute_reference_columns, weights_fingerprint
+    from mallowspo.head import add_completion_head
+    from mallowspo.reference import load_or_compute_reference_columns, weights_fingerprint
     from mallowspo.trainer import check_model_source, ensure_pad_token, load_causal_lm
 
     if args.model is None or args.dataset is None:
@@ -79,7 +79,7 @@ def compute_dispersion(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
     model = load_causal_lm(args.model, args.dtype, args.trust_remote_code)
     weights = weights_fingerprint(model)
-    add_fused_lm_head(model, outputs=FUSED_HEAD_OUTPUTS)
+    add_completion_head(model)
     accelerator = Accelerator()
     model.to(accelerator.device)
     result = load_or_compute_reference_columns(
