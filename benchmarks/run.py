@@ -400,7 +400,7 @@ def render(meta: dict, main: dict, rows: list[dict], scaling: list[dict]) -> str
     if ref:
         L.append("## Reference pass throughput (main workload)\n")
         L.append("`mallowspo.reference.compute_reference_columns` over the data set, batch "
-                 f"{w['batch_pairs']} pairs; the two variants alternate in one process on two copies of the weights.\n")
+                 f"{w['batch_pairs']} pairs; the two variants alternate (ABBA) in one process on the same model.\n")
         L.append("| variant | pairs/s | time ratio to without |")
         L.append("| --- | ---: | ---: |")
         L.append(f"| log-probs only (what TRL's reference pass computes) | {fmt(ref.get('without_entropy_pairs_per_s'), 1)} | 1.000 |")

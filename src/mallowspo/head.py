@@ -34,7 +34,7 @@ import torch
 from transformers.utils import is_triton_available
 from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head
 
-ROW_CHUNK_ELEMENTS = 1 << 24  # rows x vocab per projection chunk: 64 MiB of float32 temporaries
+ROW_CHUNK_ELEMENTS = 1 << 23  # rows x vocab per projection chunk: 32 MiB of float32 buffers (reused, not re-faulted)
 _PATCHED = "_mallowspo_completion_head"
 
 
@@ -60,43 +60,59 @@ def _score_rows(
     bias: torch.Tensor | None,
     targets: torch.Tensor,
     with_entropy: bool,
-    probs_out: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs of ``targets`` (and entropies) for every row, in row chunks; no autograd.
+    for_backward: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Log-probs of ``targets`` and (optionally) entropies of every row, in row chunks; no autograd.
 
-    When ``probs_out`` (rows, vocab) is given, the softmax of every row is written into it."""
+    Per row, with z the logits and m their maximum: e = exp(z - m), S = sum e,
+    log p_t = z_t - m - log S and H = log S - sum(e (z - m)) / S. With ``for_backward`` the
+    unnormalised ``e`` (rows, vocab) and ``1 / S`` (rows,) are returned too: the softmax is
+    e / S, and the backward scales ``e`` once instead of normalising it here."""
     rows, vocab = hidden.size(0), weight.size(0)
     dtype, exact = _compute_dtype(hidden), _softmax_dtype(hidden)
     weight_t = weight.to(dtype).t()
     bias = bias.to(dtype) if bias is not None else None
     log_probs = hidden.new_empty(rows, dtype=exact)
     entropy = hidden.new_empty(rows, dtype=exact) if with_entropy else None
-    step = max(1, ROW_CHUNK_ELEMENTS // max(vocab, 1))
+    exps = hidden.new_empty(rows, vocab, dtype=exact) if for_backward else None
+    inv_total = hidden.new_empty(rows, dtype=exact) if for_backward else None
+    step = max(1, min(rows, ROW_CHUNK_ELEMENTS // max(vocab, 1)))
+    # Chunk buffers allocated once: a fresh (step, vocab) tensor per chunk costs page faults on CPU.
+    logits_buffer = hidden.new_empty(step, vocab, dtype=dtype)
+    exp_buffer = hidden.new_empty(step, vocab, dtype=exact) if with_entropy and exps is None else None
     for lo in range(0, rows, step):
         hi = min(lo + step, rows)
         h = hidden[lo:hi].to(dtype)
-        logits = (torch.addmm(bias, h, weight_t) if bias is not None else h @ weight_t).to(exact)
-        log_z = torch.logsumexp(logits, dim=-1)
-        log_probs[lo:hi] = logits.gather(1, targets[lo:hi, None]).squeeze(1) - log_z
-        if probs_out is None and not with_entropy:
-            continue
-        log_p = logits.sub_(log_z[:, None])
-        probs = probs_out[lo:hi] if probs_out is not None else torch.empty_like(log_p)
-        torch.exp(log_p, out=probs)
-        if entropy is not None:
-            entropy[lo:hi] = -torch.linalg.vecdot(probs, log_p)
-    return log_probs, entropy
+        out = logits_buffer[: hi - lo]
+        logits = (torch.addmm(bias, h, weight_t, out=out) if bias is not None else torch.mm(h, weight_t, out=out)).to(exact)
+        target_logits = logits.gather(1, targets[lo:hi, None]).squeeze(1)
+        row_max = logits.amax(dim=-1, keepdim=True)
+        shifted = logits.sub_(row_max)  # z - m, in place
+        if exps is not None:
+            e = torch.exp(shifted, out=exps[lo:hi])
+        elif exp_buffer is not None:
+            e = torch.exp(shifted, out=exp_buffer[: hi - lo])
+        else:
+            e = shifted.exp_()  # nothing else needs z - m
+        total = e.sum(dim=-1)
+        log_total = total.log()
+        log_probs[lo:hi] = target_logits - row_max.squeeze(1) - log_total
+        if entropy is not None:  # shifted is intact here (e is a separate buffer) and not needed after
+            expected_shifted = torch.mul(e, shifted, out=shifted).sum(dim=-1)  # sum e (z - m)
+            entropy[lo:hi] = log_total - expected_shifted / total
+        if inv_total is not None:
+            inv_total[lo:hi] = total.reciprocal()
+    return log_probs, entropy, exps, inv_total
 
 
 class _CompletionLogProbs(torch.autograd.Function):
-    """``_score_rows`` with a backward: d log p_t / d logits = onehot(t) - softmax."""
+    """``_score_rows`` with a backward: d log p_t / d z = onehot(t) - e / S."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, with_entropy):
         ctx.set_materialize_grads(False)
-        probs = hidden.new_empty(hidden.size(0), weight.size(0), dtype=_softmax_dtype(hidden))
-        log_probs, entropy = _score_rows(hidden, weight, bias, targets, with_entropy, probs)
-        ctx.save_for_backward(hidden, weight, targets, probs)
+        log_probs, entropy, exps, inv_total = _score_rows(hidden, weight, bias, targets, with_entropy, True)
+        ctx.save_for_backward(hidden, weight, targets, exps, inv_total)
         ctx.has_bias = bias is not None
         ctx.compute_dtype = _compute_dtype(hidden)
         if entropy is not None:
@@ -105,16 +121,16 @@ class _CompletionLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_log_probs, _grad_entropy):
-        hidden, weight, targets, probs = ctx.saved_tensors
+        hidden, weight, targets, exps, inv_total = ctx.saved_tensors
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         if grad_log_probs is None:
             return None, None, None, None, None
-        grad = grad_log_probs.to(probs.dtype)
-        grad_logits = probs * -grad[:, None]  # -g p (a new buffer: retain_graph may call backward again)
+        grad = grad_log_probs.to(exps.dtype)
+        grad_logits = exps * (-grad * inv_total)[:, None]  # -g softmax (a new buffer: retain_graph may call again)
         grad_logits.scatter_add_(1, targets[:, None], grad[:, None])  # + g onehot(target)
         dtype = ctx.compute_dtype
         grad_hidden = (grad_logits.to(dtype) @ weight.to(dtype)).to(hidden.dtype) if needs_hidden else None
-        grad_weight = (grad_logits.t() @ hidden.to(probs.dtype)).to(weight.dtype) if needs_weight else None
+        grad_weight = (grad_logits.t() @ hidden.to(exps.dtype)).to(weight.dtype) if needs_weight else None
         grad_bias = grad_logits.sum(0).to(weight.dtype) if (needs_bias and ctx.has_bias) else None
         return grad_hidden, grad_weight, grad_bias, None, None
 
@@ -138,7 +154,7 @@ def completion_log_probs(
     if needs_grad:
         return _CompletionLogProbs.apply(hidden, weight, bias, targets, with_entropy)
     with torch.no_grad():
-        return _score_rows(hidden, weight, bias, targets, with_entropy, None)
+        return _score_rows(hidden, weight, bias, targets, with_entropy)[:2]
 
 
 # ---------------------------------------------------------------------------------------
