@@ -45,6 +45,13 @@ class Workload:
     def max_length(self) -> int:
         return self.prompt_len + self.response_len
 
+    def parameter_count(self) -> int:
+        """Parameters of the Llama this describes (untied head; no biases)."""
+        h, head_dim = self.hidden_size, self.hidden_size // self.num_heads
+        attention = 2 * h * h + 2 * h * self.num_kv_heads * head_dim
+        layer = attention + 3 * h * self.intermediate_size + 2 * h
+        return 2 * self.vocab_size * h + self.num_layers * layer + h
+
     def key(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()
         return f"v{self.vocab_size}_p{self.prompt_len}_r{self.response_len}_" + hashlib.sha1(blob).hexdigest()[:8]

@@ -57,7 +57,8 @@ PRESETS = {
         steps=20, warmup=3, rounds=2,
         vocab_grid=(8192, 32768, 131072), length_grid=(64, 128, 256),
         scaling_steps=8, scaling_warmup=2, scaling_rounds=1,
-        refpass_repeats=3, scaling_refpass_repeats=2, one_process=False,
+        refpass_repeats=5, scaling_refpass_repeats=2, one_process=False,
+        hidden_grid=(1024,), hidden_refpass_repeats=2,
     ),
     "quick": dict(
         workload=Workload(),
@@ -65,6 +66,7 @@ PRESETS = {
         vocab_grid=(8192, 32768), length_grid=(64, 128),
         scaling_steps=4, scaling_warmup=1, scaling_rounds=1,
         refpass_repeats=2, one_process=False,
+        hidden_grid=(),
     ),
     "smoke": dict(
         workload=Workload(
@@ -75,7 +77,7 @@ PRESETS = {
         vocab_grid=(256, 512), length_grid=(4, 8),
         scaling_steps=2, scaling_warmup=1, scaling_rounds=1,
         refpass_repeats=1, one_process=True,  # one worker process for everything: start-up dominates
-        threads=1,
+        threads=1, hidden_grid=(64,),
     ),
 }
 
@@ -338,7 +340,13 @@ def fmt(value, digits=3, suffix=""):
     return f"{value:.{digits}f}{suffix}"
 
 
-def render(meta: dict, main: dict, rows: list[dict], scaling: list[dict]) -> str:
+def with_hidden(w: Workload, hidden: int) -> Workload:
+    """The workload at another hidden size: MLP and heads scaled alike (head dim 64)."""
+    return w.with_(hidden_size=hidden, intermediate_size=hidden * w.intermediate_size // w.hidden_size,
+                   num_heads=max(1, hidden // 64), num_kv_heads=max(1, hidden // 64))
+
+
+def render(meta: dict, main: dict, rows: list[dict], scaling: list[dict], hidden: list[dict] = ()) -> str:
     device, mem_name = meta["settings"]["device"], ("peak CUDA allocated" if meta["settings"]["device"] == "cuda" else "peak RSS")
     L = []
     L.append("# Benchmarks: MallowsPO vs TRL DPO, naive MallowsPO and the training floor\n")
@@ -407,6 +415,19 @@ def render(meta: dict, main: dict, rows: list[dict], scaling: list[dict]) -> str
         L.append(f"| log-probs + entropy statistic (mallowspo) | {fmt(ref.get('with_entropy_pairs_per_s'), 1)} | "
                  f"{fmt(median(ref.get('round_ratio') or []), 3)} |")
         L.append(f"\nReference log-probs identical with and without the entropy: {ref.get('logps_match')}.\n")
+    if len(hidden) > 1:
+        L.append("### The entropy statistic against hidden size\n")
+        L.append("The same reference pass on models that differ only in width (MLP and heads scaled alike; "
+                 "vocabulary and lengths as the main workload). The entropy adds element-wise passes over "
+                 "(tokens, vocab); the projection grows with the hidden size, so the entropy's share shrinks.\n")
+        L.append("| hidden | parameters | pairs/s without | pairs/s with | time ratio with / without | per-pair ratios |")
+        L.append("| ---: | ---: | ---: | ---: | ---: | --- |")
+        for row in hidden:
+            r = row["refpass"]
+            L.append(f"| {row['hidden_size']} | {row['params'] / 1e6:.1f} M | {fmt(r.get('without_entropy_pairs_per_s'), 1)} | "
+                     f"{fmt(r.get('with_entropy_pairs_per_s'), 1)} | {fmt(median(r.get('round_ratio') or []), 3)} | "
+                     f"{', '.join(f'{x:.2f}' for x in r.get('pair_ratios') or [])} |")
+        L.append("")
 
     if scaling:
         L.append("## Scaling (reduced set of systems, precomputed reference)\n")
@@ -530,9 +551,12 @@ def main(argv=None) -> int:
             if point not in scaling_points:
                 scaling_points.append(point)
 
+    # Reference pass only, at larger hidden sizes: how the entropy statistic's share shrinks.
+    hidden_points = [] if args.no_scaling else [with_hidden(workload, h) for h in preset["hidden_grid"]]
+
     log(f"[bench] {preset_name}: device {device}, {dtype}, {threads} threads; work dir {tmp}")
     assets = {}
-    for w in [workload, *scaling_points]:
+    for w in [workload, *scaling_points, *hidden_points]:
         if w not in assets:
             assets[w] = str(build_assets(w, tmp / "assets"))
 
@@ -551,6 +575,11 @@ def main(argv=None) -> int:
                 continue  # the main table already has this point
             prefix = f"scale-v{w.vocab_size}-r{w.response_len}-"
             groups.append((prefix, w, schedule(SCALING_SYSTEMS, preset["scaling_rounds"], job_maker(w, s, prefix))))
+        for w in hidden_points:
+            prefix = f"hidden-h{w.hidden_size}-"
+            repeats = preset.get("hidden_refpass_repeats", preset["refpass_repeats"])
+            hidden_settings = dataclasses.replace(settings, extra={**settings.extra, "refpass_repeats": repeats})
+            groups.append((prefix, w, schedule(("refpass",), 1, job_maker(w, hidden_settings, prefix))))
         return groups
 
     main_jobs = schedule(main_systems, rounds, job_maker(workload, settings, "main-"))
@@ -601,6 +630,13 @@ def main(argv=None) -> int:
             sm = {k: v for k, v in sm.items() if k in SCALING_SYSTEMS}
         scaling_rows.append({"vocab_size": w.vocab_size, "response_len": w.response_len, "summary": sm})
     scaling_rows.sort(key=lambda row: (row["response_len"] != workload.response_len, row["vocab_size"], row["response_len"]))
+    hidden_rows = [{"hidden_size": workload.hidden_size, "params": workload.parameter_count(),
+                    "refpass": main_summary.get("refpass", {})}] if "refpass" in main_summary else []
+    for w in hidden_points:
+        label = f"hidden-h{w.hidden_size}-"
+        if label in entries_by_group:
+            hidden_rows.append({"hidden_size": w.hidden_size, "params": w.parameter_count(),
+                                "refpass": summarise(entries_by_group[label], device).get("refpass", {})})
 
     # Same batch shape and completion-token count for every system of a workload.
     shape_problems = []
@@ -637,12 +673,12 @@ def main(argv=None) -> int:
         "total_s": time.perf_counter() - t_start,
         "shape_problems": shape_problems,
     }
-    report = render(meta, main_summary, rows, scaling_rows)
+    report = render(meta, main_summary, rows, scaling_rows, hidden_rows)
     if shape_problems:
         report += "\n## Workload mismatch\n\n" + "\n".join(f"- {p}" for p in shape_problems) + "\n"
     out.write_text(report)
     raw = {"meta": {k: v for k, v in meta.items() if k != "entries"}, "main": main_summary, "targets": rows,
-           "scaling": scaling_rows, "entries": all_entries}
+           "scaling": scaling_rows, "hidden": hidden_rows, "entries": all_entries}
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
     log(f"[bench] wrote {out} and {out.with_suffix('.json')} in {meta['total_s'] / 60:.1f} min")
     for r in rows:

@@ -64,3 +64,9 @@ def test_smoke_run_writes_every_system_and_ratio(tmp_path):
     # The header names the machine, the date and the versions.
     for needle in ("CPU:", "RAM", "torch ", "transformers ", "trl ", "mallowspo ", " UTC"):
         assert needle in report, needle
+
+    # The hidden-size sweep of the reference pass: the main width, then each grid width.
+    assert [r["hidden_size"] for r in raw["hidden"]] == [preset["workload"].hidden_size, *preset["hidden_grid"]]
+    for row in raw["hidden"]:
+        assert row["refpass"]["with_entropy_pairs_per_s"] > 0 and row["refpass"]["logps_match"], row
+    assert "The entropy statistic against hidden size" in report
