@@ -15,11 +15,12 @@ Two implementations, chosen per call from where the LM head's weight lives:
   soft-capping and scaling, FSDP2 DTensor heads, MoE load-balancing loss); models with
   one of those use it on every device.
 - Elsewhere (CPU), ``completion_log_probs``: the scored positions only, projected in row
-  chunks with one matrix product, a log-sum-exp and a gather. For the backward it keeps
-  the softmax of the scored rows, (scored tokens, vocab) in float32, so the gradient costs
-  two matrix products and no recomputation. TRL's head without Triton scores every
-  position, prompt included, and recomputes the projection in its backward; on CPU it is
-  about twice as slow as plain logits (benchmarks/README.md).
+  chunks with one matrix product, then one max / exp / sum pass shared by the log-probs
+  and the entropy. For the backward it keeps exp(z - max) of the scored rows, (scored
+  tokens, vocab) in float32, so the gradient costs two matrix products and no
+  recomputation. TRL's head without Triton scores every position, prompt included, and
+  recomputes the projection in its backward; on CPU it is about 2.5x slower than plain
+  logits (benchmarks/README.md, docs/design.md).
 
 The entropy is only computed when asked for (the reference pass needs it for the
 dispersion; a training step does not) and never carries a gradient.
@@ -143,10 +144,10 @@ def completion_log_probs(
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row log p(target) under softmax(hidden @ weight.T + bias), (rows,), in float32
-    (float64 for float64 inputs); and
-    the per-row entropy (no gradient) when ``with_entropy``, else None.
+    (float64 for float64 inputs); and the per-row entropy (no gradient) when
+    ``with_entropy``, else None.
 
-    With gradients, the softmax of every row is kept for the backward ((rows, vocab)
+    With gradients, exp(z - max) of every row is kept for the backward ((rows, vocab)
     float32); without them (a reference pass) only one row chunk is alive at a time."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, weight, bias)
