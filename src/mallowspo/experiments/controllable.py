@@ -765,6 +765,14 @@ def _pyplot():
     return plt
 
 
+def _save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Lay out, write and close ``fig``; returns the path."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return Path(path)
+
+
 def _draw_curves(ax, entry: dict[str, Any], scope: str) -> None:
     for m, r in entry["methods"].items():
         kl = [p[scope]["kl"]["mean"] for p in r["curve"]]
@@ -794,10 +802,7 @@ def plot_reward_kl(results: dict[str, Any], path: str | Path, dpi: int = 120, sc
         _draw_curves(ax, results["summary"][beta], scope)
         ax.set_title(f"beta {beta}: held-out {results['config']['family']} prompts ({_seed_text(results)})", fontsize=9)
         ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(fig, path, dpi)
 
 
 def plot_reward_kl_by_family(results: dict[str, Any], path: str | Path) -> Path:
@@ -811,10 +816,7 @@ def plot_reward_kl_by_family(results: dict[str, Any], path: str | Path) -> Path:
             _draw_curves(ax, results["summary"][beta], scope)
             ax.set_title(f"beta {beta}: {scope} prompts only", fontsize=9)
             ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(fig, path)
 
 
 def plot_dispersion_vs_truth(results: dict[str, Any], path: str | Path) -> Path:
@@ -844,10 +846,7 @@ def plot_dispersion_vs_truth(results: dict[str, Any], path: str | Path) -> Path:
     )
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(fig, path)
 
 
 def plot_dispersion_hist(results: dict[str, Any], path: str | Path) -> Path:
@@ -865,10 +864,7 @@ def plot_dispersion_hist(results: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel("pairs")
     ax.set_title("Dispersion estimates by prompt family (cf. paper Fig. 7)", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return _save_figure(fig, path)
 
 
 FIGURES = {
