@@ -229,7 +229,7 @@ def targets(summary: dict) -> list[dict]:
     ref = summary.get("refpass", {})
     add("reference pass time: with entropy / without", median(ref.get("round_ratio") or []), "<=", 1.05,
         ref.get("pair_ratios") or [],
-        "mallowspo.reference.compute_reference_columns")
+        "mallowspo.training.reference.compute_reference_columns")
     for pre, tag in (("_pre", "precomputed ref"), ("", "ref per step")):
         for variant in ("theta", "phi"):
             value, spread = paired_ratio(summary, "naive", f"mpo_{variant}{pre}")
@@ -409,7 +409,7 @@ def render(meta: dict, main: dict, rows: list[dict], scaling: list[dict], hidden
     ref = main.get("refpass")
     if ref:
         L.append("## Reference pass throughput (main workload)\n")
-        L.append("`mallowspo.reference.compute_reference_columns` over the data set, batch "
+        L.append("`mallowspo.training.reference.compute_reference_columns` over the data set, batch "
                  f"{w['batch_pairs']} pairs; the two variants alternate (ABBA) in one process on the same model.\n")
         L.append("| variant | pairs/s | time ratio to without |")
         L.append("| --- | ---: | ---: |")

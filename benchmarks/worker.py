@@ -225,8 +225,8 @@ def _build_trl(w, s, assets, precompute, output_dir):
 
 
 def _build_mallowspo(w, s, assets, variant, precompute, output_dir):
-    from mallowspo.config import MallowsPOConfig
-    from mallowspo.trainer import MallowsPOTrainer
+    from mallowspo.training.config import MallowsPOConfig
+    from mallowspo.training.trainer import MallowsPOTrainer
 
     args = MallowsPOConfig(
         **_common_training_args(w, s, output_dir, precompute),
@@ -290,7 +290,7 @@ def run_loop(job: dict) -> dict:
     import torch
 
     from baselines import autocast_context, floor_step, make_optimizer, naive_step
-    from mallowspo.collate import PreferenceCollator
+    from mallowspo.training.collate import PreferenceCollator
 
     w, s, assets = Workload.from_dict(job["workload"]), Settings.from_dict(job["settings"]), Path(job["assets"])
     system = job["system"]
@@ -354,10 +354,10 @@ def run_refpass(job: dict) -> dict:
     are timed alternately (ABBA), in the same process, on the same model."""
     import numpy as np
     from accelerate import Accelerator
-    from mallowspo.collate import PreferenceCollator
-    from mallowspo.data import DataConfig, prepare_preference_dataset
-    from mallowspo.head import add_completion_head
-    from mallowspo.reference import compute_reference_columns
+    from mallowspo.training.collate import PreferenceCollator
+    from mallowspo.training.data import PreferenceDataConfig, prepare_preference_dataset
+    from mallowspo.training.head import add_completion_head
+    from mallowspo.training.reference import compute_reference_columns
 
     w, s, assets = Workload.from_dict(job["workload"]), Settings.from_dict(job["settings"]), Path(job["assets"])
     repeats = int(s.extra.get("refpass_repeats", 3))
@@ -365,7 +365,7 @@ def run_refpass(job: dict) -> dict:
     accelerator = Accelerator(cpu=s.device == "cpu", mixed_precision="bf16" if s.dtype == "bf16" else "no")
     tokenizer = _load_tokenizer(assets)
     dataset, _ = prepare_preference_dataset(
-        _text_dataset(assets), tokenizer, DataConfig(max_length=w.max_length, max_prompt_length=w.prompt_len)
+        _text_dataset(assets), tokenizer, PreferenceDataConfig(max_length=w.max_length, max_prompt_length=w.prompt_len)
     )
     dataset = dataset.select(range(min(len(dataset), n_batches * w.batch_pairs)))
     warmup_set = dataset.select(range(w.batch_pairs))

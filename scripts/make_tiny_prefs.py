@@ -1,4 +1,4 @@
-"""Generate the bundled tiny preference file ``src/mallowspo/assets/tiny_prefs.jsonl``.
+"""Generate the bundled tiny preference file ``src/mallowspo/testing/assets/tiny_prefs.jsonl``.
 
 Deterministic (fixed seed, no network). Each row is in TRL's standard explicit-prompt
 format ``{"prompt", "chosen", "rejected"}`` plus a ``category`` column:
@@ -22,7 +22,7 @@ import json
 import random
 from pathlib import Path
 
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "mallowspo" / "assets" / "tiny_prefs.jsonl"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "mallowspo" / "testing" / "assets" / "tiny_prefs.jsonl"
 
 CAPITALS = {
     "France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin", "Japan": "Tokyo",

@@ -87,9 +87,9 @@ def tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_prefs_path():
     """The bundled preference file (300 rows, standard format): src/mallowspo/assets/tiny_prefs.jsonl."""
-    from mallowspo.builtin import bundled_preferences
+    from mallowspo.testing.tiny import tiny_preferences_path
 
-    return bundled_preferences()
+    return tiny_preferences_path()
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +97,7 @@ def tiny_lm_dir(tmp_path_factory, tiny_prefs_path):
     """A random-init tiny Llama + BPE tokenizer (vocab 512) trained on the bundled texts, in HF format."""
     import json
 
-    from mallowspo.tiny import build_tiny_model
+    from mallowspo.testing.tiny import build_tiny_model
 
     rows = [json.loads(line) for line in tiny_prefs_path.read_text().splitlines() if line.strip()]
     texts = [r["prompt"] + " " + r[side] for r in rows for side in ("chosen", "rejected")]

@@ -1,9 +1,11 @@
 """mallowspo: preference optimisation with a per-prompt dispersion index (MallowsPO, arXiv 2405.14953).
 
-Layers (see docs/design.md):
-  math      mallows, links, losses, dispersion        (plain torch/numpy, no I/O)
-  training  data, reference, trainer, config          (imports math)
-  entry     cli, commands/*, experiments, world       (imports both)
+Layers (see docs/design.md), each importing only those above it:
+  math         mallows, links, losses, dispersion   the paper: plain numpy/scipy/torch, no I/O
+  training/    config, data/, head, scoring, reference, trainer, ...   needs transformers/trl/datasets
+  experiments/ bandit, estimator_check, controllable/, world/          reproductions
+  cli/         the `mallowspo` command                                 imports all of the above
+  testing/     tiny models and data shared by the tests, benchmarks and the world
 
 ``MallowsPOConfig`` and ``MallowsPOTrainer`` are importable from the package root; they
 are loaded on first use, so the math layer never pays for importing transformers.
@@ -11,7 +13,7 @@ are loaded on first use, so the math layer never pays for importing transformers
 
 __version__ = "0.1.0"
 
-_LAZY = {"MallowsPOConfig": "mallowspo.config", "MallowsPOTrainer": "mallowspo.trainer"}
+_LAZY = {"MallowsPOConfig": "mallowspo.training.config", "MallowsPOTrainer": "mallowspo.training.trainer"}
 __all__ = ["MallowsPOConfig", "MallowsPOTrainer", "__version__"]
 
 

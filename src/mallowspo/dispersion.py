@@ -12,16 +12,27 @@ uniform distribution. phi* is chosen so that the dataset mean of the estimate is
 
 All functions here run under ``torch.no_grad``: the estimate is a constant of the frozen
 reference model and the example, and carries no gradient.
+
+The one dispersion path. Whatever its source, the per-example -log phi(x) comes from
+``dispersion_estimate(source, ...)``, which the trainer and `mallowspo dispersion` both call:
+
+    entropy    -phi* log Hbar(x) (eq. 10), phi* fitted ("mean": the mean estimate is 1) or fixed,
+               then clamped; a phi* fitted on the train split is passed back in for the others
+    constant   the same value for every example (1.0 with the theta variant is DPO)
+    column     values given per example in the data, used as given
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 DEFAULT_MIN_HBAR = 1e-6  # bounds -log Hbar by 13.8 when the reference is certain
-AUTHORS_PHI_STAR = 0.29  # the constant in the authors' code (Llama3-8B-Instruct, UltraFeedback)
+DISPERSION_SOURCES = ("entropy", "constant", "column")
+DEFAULT_CLAMP = (0.05, 20.0)
 
 
 @torch.no_grad()
@@ -104,25 +115,85 @@ def estimate_neg_log_phi(
     return estimate, float(phi_star)
 
 
-@torch.no_grad()
-def entropy_dispersion(
-    chosen_token_entropy: torch.Tensor,
-    chosen_mask: torch.Tensor,
-    rejected_token_entropy: torch.Tensor,
-    rejected_mask: torch.Tensor,
-    vocab_size: int,
-    phi_star: float | str = "mean",
-    clamp: tuple[float, float] | None = None,
-    min_hbar: float = DEFAULT_MIN_HBAR,
-) -> torch.Tensor:
-    """Eqs. 10-11 end to end: per-token entropies with completion masks -> (B,) estimates.
+@dataclass(frozen=True)
+class DispersionSource:
+    """Where -log phi(x) comes from, and how the entropy estimate is normalised and bounded.
 
-    With ``phi_star="mean"`` the normalisation uses this batch as the dataset; the trainer
-    instead computes Hbar for every example first and normalises once over the dataset.
+    The field names are those of ``MallowsPOConfig`` without the ``dispersion_`` prefix, and
+    this is their one validator.
+
+    source: one of ``DISPERSION_SOURCES``.
+    normalization: phi* of the entropy estimate: "mean" (fitted so that the mean is 1) or a
+        fixed number > 0 (the authors' code uses 0.29).
+    clamp: (min, max) bounds on the entropy estimate, or None.
+    constant: -log phi(x) of every example for the ``constant`` source (> 0).
     """
-    hbar = normalized_entropy(
-        mean_completion_entropy(chosen_token_entropy, chosen_mask),
-        mean_completion_entropy(rejected_token_entropy, rejected_mask),
-        vocab_size,
-    )
-    return estimate_neg_log_phi(hbar, phi_star, clamp, min_hbar)[0]
+
+    source: str = "entropy"
+    normalization: float | str = "mean"
+    clamp: tuple[float, float] | None = DEFAULT_CLAMP
+    constant: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.source not in DISPERSION_SOURCES:
+            raise ValueError(f"unknown dispersion_source {self.source!r}; choose one of {DISPERSION_SOURCES}")
+        if isinstance(self.normalization, str):
+            if self.normalization != "mean":
+                raise ValueError(f"dispersion_normalization must be 'mean' or > 0, got {self.normalization!r}")
+        elif not self.normalization > 0:
+            raise ValueError(f"dispersion_normalization must be 'mean' or > 0, got {self.normalization}")
+        if self.clamp is not None:
+            if len(self.clamp) != 2:
+                raise ValueError(f"dispersion_clamp needs two numbers (min max), got {list(self.clamp)}")
+            low, high = self.clamp
+            if not 0 <= low <= high:
+                raise ValueError(f"dispersion_clamp needs 0 <= min <= max, got min={low}, max={high}")
+        if not self.constant > 0:
+            raise ValueError(f"dispersion_constant must be > 0, got {self.constant}")
+
+
+@dataclass(frozen=True)
+class DispersionEstimate:
+    """Per-example -log phi(x), (N,) float64, and the phi* of the entropy estimate (else None)."""
+
+    neg_log_phi: torch.Tensor
+    phi_star: float | None
+
+
+@torch.no_grad()
+def dispersion_estimate(
+    source: DispersionSource,
+    *,
+    size: int,
+    hbar: torch.Tensor | np.ndarray | None = None,
+    column: torch.Tensor | np.ndarray | None = None,
+    phi_star: float | None = None,
+) -> DispersionEstimate:
+    """-log phi(x) for ``size`` examples from ``source``.
+
+    Args:
+        source: the settings.
+        size: the number of examples N.
+        hbar: (N,) Hbar(x) of eq. 11, needed by the ``entropy`` source.
+        column: (N,) values given in the data, needed by the ``column`` source.
+        phi_star: a phi* fitted on another split (the train split); with the ``entropy``
+            source and ``normalization="mean"`` it is used instead of fitting on ``hbar``.
+    """
+    if source.source == "constant":
+        return DispersionEstimate(torch.full((size,), float(source.constant), dtype=torch.float64), None)
+    if source.source == "column":
+        if column is None:
+            raise ValueError("dispersion_source='column' needs the per-example values of dispersion_column")
+        return DispersionEstimate(_as_float64(column, size, "column"), None)
+    if hbar is None:
+        raise ValueError("dispersion_source='entropy' needs Hbar(x) from the reference pass")
+    normalization = phi_star if (phi_star is not None and source.normalization == "mean") else source.normalization
+    estimates, used = estimate_neg_log_phi(_as_float64(hbar, size, "hbar"), phi_star=normalization, clamp=source.clamp)
+    return DispersionEstimate(estimates, used)
+
+
+def _as_float64(values: torch.Tensor | np.ndarray, size: int, name: str) -> torch.Tensor:
+    values = torch.as_tensor(np.asarray(values, dtype=np.float64))
+    if values.shape != (size,):
+        raise ValueError(f"{name} has shape {tuple(values.shape)}, expected ({size},)")
+    return values

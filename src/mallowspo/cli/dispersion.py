@@ -1,0 +1,240 @@
+"""`mallowspo dispersion`: run only the reference pass and report the per-prompt dispersion.
+
+    mallowspo dispersion                                   # the built-in world, like `mallowspo train`
+    mallowspo dispersion --config recipe.yaml [--key value ...] [--out DIR] [--top N]
+
+The settings are `mallowspo train`'s (the same keys, defaults and recipes: the
+``--dispersion_*`` keys, ``--model_name_or_path``, ``--dataset_name``,
+``--dataset_train_split``, ``--max_length``, ``--strict_validation``, ...), so the report
+shows the dispersion that the training run with the same recipe uses, from the same cached
+reference pass (``$MALLOWSPO_CACHE``). The earlier flag names still work: --model, --dataset,
+--split, --normalization, --clamp, --batch_size.
+
+Writes to DIR (default runs/dispersion):
+    dispersion.jsonl   per pair: row_index, prompt, hbar, neg_log_phi, mean entropies
+    summary.json       phi*, settings, mean / std / range / quantiles of -log phi(x) and Hbar
+    histogram.png      the distribution of -log phi(x) (paper §5.1, Fig. 4)
+    report.md          the summary and the most / least dispersed prompts (paper App. A)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from mallowspo.cli.errors import user_errors  # noqa: E402
+from mallowspo.cli.run_config import parse_run_config, setup_logging  # noqa: E402
+from mallowspo.training.collate import PreferenceCollator  # noqa: E402
+from mallowspo.training.data import load_preference_dataset, prepare_preference_dataset  # noqa: E402
+from mallowspo.training.head import add_completion_head  # noqa: E402
+from mallowspo.training.models import check_model_source, ensure_pad_token, load_causal_lm  # noqa: E402
+from mallowspo.training.outputs import check_output_dir, summary_statistics, write_dispersion_jsonl  # noqa: E402
+from mallowspo.training.reference import (  # noqa: E402
+    load_or_compute_reference_columns,
+    weights_fingerprint,
+    with_columns,
+    with_dispersion,
+)
+
+ACCEPTS_OVERRIDES = True
+# The earlier flag names of this command -> the keys of `mallowspo train`.
+FLAG_ALIASES = {
+    "model": "model_name_or_path",
+    "dataset": "dataset_name",
+    "split": "dataset_train_split",
+    "normalization": "dispersion_normalization",
+    "clamp": "dispersion_clamp",
+    "batch_size": "precompute_ref_batch_size",
+}
+
+logger = logging.getLogger("mallowspo.dispersion_report")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (parser.description or "") + " Takes the settings of `mallowspo train` as --key value."
+    parser.add_argument("--config", help="recipe YAML file (as for `mallowspo train`); without it, the built-in world")
+    parser.add_argument("--out", default="runs/dispersion", help="output directory (default runs/dispersion)")
+    parser.add_argument("--top", type=int, default=10, help="prompts listed at each end of the report (default 10)")
+
+
+# ---------------------------------------------------------------------------------------
+# Computing
+# ---------------------------------------------------------------------------------------
+
+
+def mixed_precision(training_args) -> str:
+    """The accelerate mixed-precision mode of a run (part of the reference cache's key)."""
+    return "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "no"
+
+
+def compute_dispersion(model_args, script_args, training_args) -> tuple[Any, dict[str, Any]]:
+    """Tokenize the train split, run (or reuse) the reference pass, estimate -log phi(x) as the
+    trainer does (``mallowspo.training.reference.with_dispersion``).
+
+    Returns the tokenized dataset with the reference columns and ``neg_log_phi``, and the
+    run's facts (phi*, settings, whether the cache was reused).
+    """
+    check_model_source(model_args.model_name_or_path)
+    split = script_args.dataset_train_split
+    raw = load_preference_dataset(script_args.dataset_name, split)  # a bad file fails before the model loads
+    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    ensure_pad_token(tokenizer)
+    data_config = training_args.to_data_config()
+    dataset, report = prepare_preference_dataset(raw, tokenizer, data_config, name=split)
+
+    model = load_causal_lm(
+        model_args.model_name_or_path, model_args.dtype, model_args.trust_remote_code, model_args.attn_implementation
+    )
+    weights = weights_fingerprint(model)
+    add_completion_head(model)
+    accelerator = Accelerator(mixed_precision=mixed_precision(training_args), cpu=training_args.use_cpu)
+    model.to(accelerator.device)
+    result = load_or_compute_reference_columns(
+        model, dataset, PreferenceCollator(tokenizer.pad_token_id), accelerator,
+        batch_size=training_args.precompute_ref_batch_size or training_args.per_device_train_batch_size,
+        weights=weights, tokenizer=tokenizer, data_settings=data_config, name=split,
+    )
+    settings = training_args.dispersion_settings()
+    dataset, estimate = with_dispersion(with_columns(dataset, result.columns), settings)
+    facts = {
+        "model": model_args.model_name_or_path,
+        "dataset": script_args.dataset_name,
+        "split": split,
+        "rows": len(dataset),
+        "validation": report.summary(),
+        "source": settings.source,
+        "phi_star": estimate.phi_star,
+        "normalization": settings.normalization,
+        "clamp": list(settings.clamp) if settings.clamp is not None else None,
+        "cache_dir": str(result.cache_dir),
+        "cache_reused": result.reused,
+    }
+    return dataset, facts
+
+
+# ---------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------
+
+
+def per_prompt_table(dataset) -> list[dict[str, Any]]:
+    """Pairs grouped by prompt text: mean -log phi(x), mean Hbar, pair count; most dispersed first."""
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for prompt, value, hbar in zip(dataset["prompt"], dataset["neg_log_phi"], dataset["hbar"]):
+        groups.setdefault(prompt, []).append((value, hbar))
+    table = [
+        {"prompt": p, "neg_log_phi": float(np.mean([v for v, _ in g])), "hbar": float(np.mean([h for _, h in g])), "pairs": len(g)}
+        for p, g in groups.items()
+    ]
+    return sorted(table, key=lambda row: row["neg_log_phi"])
+
+
+def write_histogram(path: Path, values: np.ndarray, title: str) -> Path:
+    """Histogram of -log phi(x) with its mean, as a PNG (matplotlib Agg backend)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(values, bins=min(50, max(10, len(values) // 10)), color="#4c72b0", edgecolor="white")
+    ax.axvline(float(np.mean(values)), color="#c44e52", linestyle="--", label=f"mean {np.mean(values):.3f}")
+    ax.set_xlabel("estimated -log phi(x)   (low = high dispersion)")
+    ax.set_ylabel("pairs")
+    ax.set_title(f"Per-prompt dispersion ({title})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _clip(text: str, width: int = 90) -> str:
+    text = " ".join(str(text).split()).replace("|", "\\|")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def estimator_text(facts: dict[str, Any]) -> str:
+    """How -log phi(x) was obtained, in one phrase."""
+    if facts["source"] == "entropy":
+        return (f"-log phi(x) = -phi* log Hbar(x) (paper eqs. 10-11), phi* = {facts['phi_star']:.4g} "
+                f"(normalisation `{facts['normalization']}`), clamp {facts['clamp']}")
+    if facts["source"] == "constant":
+        return "the same -log phi(x) for every pair (dispersion_source constant)"
+    return "-log phi(x) as given in the data (dispersion_source column)"
+
+
+def short_estimator_text(facts: dict[str, Any]) -> str:
+    return f"phi* {facts['phi_star']:.4g}" if facts["phi_star"] is not None else f"source {facts['source']}"
+
+
+def render_report(facts: dict[str, Any], summary: dict[str, Any], table: list[dict[str, Any]], top: int) -> str:
+    """The markdown report: settings, summary statistics, most and least dispersed prompts."""
+    rows = lambda items: [  # noqa: E731
+        f"| {r['neg_log_phi']:.3f} | {r['hbar']:.3f} | {r['pairs']} | {_clip(r['prompt'])} |" for r in items
+    ]
+    header = ["| -log phi | Hbar | pairs | prompt |", "|---|---|---|---|"]
+    stats = summary["neg_log_phi"]
+    return "\n".join([
+        "# Dispersion report",
+        "",
+        f"Model `{facts['model']}`, data `{facts['dataset']}` (split {facts['split']}), {facts['rows']} pairs.",
+        f"Estimator: {estimator_text(facts)}.",
+        f"Reference pass: {'reused the cache' if facts['cache_reused'] else 'computed'} at `{facts['cache_dir']}`.",
+        "",
+        "![histogram](histogram.png)",
+        "",
+        "| statistic | -log phi(x) | Hbar |",
+        "|---|---|---|",
+        *[f"| {k} | {stats[k]:.4g} | {summary['hbar'][k]:.4g} |" for k in stats if k != "count"],
+        "",
+        f"## Most dispersed prompts (lowest -log phi: many acceptable answers, weaker preference signal)",
+        "",
+        *header,
+        *rows(table[:top]),
+        "",
+        f"## Least dispersed prompts (highest -log phi: one clear answer, stronger preference signal)",
+        "",
+        *header,
+        *rows(reversed(table[-top:])),
+        "",
+        f"Data validation: {_clip(facts['validation'].splitlines()[0], 200)}",
+        "",
+    ])
+
+
+def write_outputs(out: Path, dataset, facts: dict[str, Any], top: int) -> dict[str, Path]:
+    """Write dispersion.jsonl, summary.json, histogram.png and report.md into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    values = np.asarray(dataset["neg_log_phi"], dtype=np.float64)
+    summary = {"neg_log_phi": summary_statistics(values), "hbar": summary_statistics(np.asarray(dataset["hbar"]))}
+    paths = {
+        "jsonl": write_dispersion_jsonl(out / "dispersion.jsonl", dataset),
+        "summary": out / "summary.json",
+        "histogram": write_histogram(out / "histogram.png", values, short_estimator_text(facts)),
+        "report": out / "report.md",
+    }
+    paths["summary"].write_text(json.dumps({**facts, "summary": summary}, indent=2, default=str))
+    paths["report"].write_text(render_report(facts, summary, per_prompt_table(dataset), top))
+    return paths
+
+
+def run(args: argparse.Namespace) -> int:
+    with user_errors():  # settings, paths, data: the user's
+        model_args, script_args, training_args = parse_run_config(args.config, args.overrides, FLAG_ALIASES)
+        setup_logging()
+        check_output_dir(args.out)
+        dataset, facts = compute_dispersion(model_args, script_args, training_args)
+    paths = write_outputs(Path(args.out), dataset, facts, args.top)
+    stats = json.loads(paths["summary"].read_text())["summary"]["neg_log_phi"]
+    print(
+        f"{facts['rows']} pairs: -log phi mean {stats['mean']:.3f}, range [{stats['min']:.3f}, {stats['max']:.3f}], "
+        f"{short_estimator_text(facts)}; wrote {', '.join(str(p) for p in paths.values())}"
+    )
+    return 0

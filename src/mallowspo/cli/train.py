@@ -1,0 +1,178 @@
+"""`mallowspo train`: fine-tune a causal LM with MallowsPO.
+
+    mallowspo train                                  # the built-in default (MallowsPO on the built-in world)
+    mallowspo train --config recipe.yaml [--key value ...]
+    mallowspo train --config recipe.yaml --accelerate_config zero3 [--num_processes 8]
+
+Settings come from, in increasing priority: the built-in default (without --config) or
+the recipe YAML, then ``--key value`` pairs. Keys are the fields of ``ModelArguments``,
+``ScriptArguments`` and ``MallowsPOConfig`` (all of ``TrainingArguments``); see
+``mallowspo train --show_fields``. ``--accelerate_config NAME_OR_PATH`` re-launches the
+same command through ``accelerate launch --config_file`` (names: ddp, fsdp, zero3).
+
+Before anything is loaded, the run checks what it can cheaply (settings, the output
+directory, the checkpoint to resume from, the model path, the data file); a problem there,
+or in the data rows, is a one-line ``error: ...`` with exit code 2 (see ``mallowspo.cli``).
+``--resume_from_checkpoint last`` resumes from the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from dataclasses import asdict
+from importlib.resources import files
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+from mallowspo.cli.errors import user_errors
+from mallowspo.cli.run_config import argument_parser, parse_run_config, setup_logging
+from mallowspo.training.checkpoints import resolve_checkpoint
+from mallowspo.training.data import load_preference_dataset, prepare_preference_dataset
+from mallowspo.training.models import check_model_source, ensure_pad_token, load_causal_lm
+from mallowspo.training.outputs import check_output_dir
+from mallowspo.training.trainer import MallowsPOTrainer
+
+ACCEPTS_OVERRIDES = True
+
+ACCELERATE_CONFIG_NAMES = ("ddp", "fsdp", "zero3")
+
+logger = logging.getLogger("mallowspo.train")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (parser.description or "") + " Any config field can be given as --key value."
+    parser.add_argument("--config", help="recipe YAML file; without it, the built-in default run")
+    parser.add_argument(
+        "--accelerate_config",
+        help=f"re-launch through `accelerate launch` with this config: one of {ACCELERATE_CONFIG_NAMES} or a path",
+    )
+    parser.add_argument("--num_processes", type=int, help="with --accelerate_config: the number of processes")
+    parser.add_argument("--show_fields", action="store_true", help="list every --key the run accepts and exit")
+
+
+# ---------------------------------------------------------------------------------------
+# Launching through accelerate
+# ---------------------------------------------------------------------------------------
+
+
+def resolve_accelerate_config(name_or_path: str) -> Path:
+    """A shipped config (ddp, fsdp, zero3) or an existing file."""
+    if name_or_path in ACCELERATE_CONFIG_NAMES:
+        return Path(str(files("mallowspo.cli") / "accelerate_configs" / f"{name_or_path}.yaml"))
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"accelerate config {name_or_path!r}: not one of {ACCELERATE_CONFIG_NAMES} nor a file")
+    return path
+
+
+def accelerate_command(args: argparse.Namespace) -> list[str]:
+    """`accelerate launch --config_file F [--num_processes N] -m mallowspo.cli train ...` (same interpreter)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(resolve_accelerate_config(args.accelerate_config))]
+    if args.num_processes:
+        command += ["--num_processes", str(args.num_processes)]
+    command += ["-m", "mallowspo.cli", "train"]
+    if args.config:
+        command += ["--config", args.config]
+    return command + list(args.overrides)
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------
+
+
+def resume_argument(value: str | None) -> str | bool | None:
+    """``--resume_from_checkpoint``: a checkpoint path, or true/last for the newest one in output_dir."""
+    if value is None:
+        return None
+    return True if str(value).lower() in ("true", "last") else value
+
+
+def build_trainer(model_args, script_args, training_args):
+    """Check, load and validate everything a run needs, cheapest first, so that a typo fails
+    in seconds: the output directory, the checkpoint to resume from, the model path, the
+    data file, the tokenizer and the data rows; then the model and the trainer (reference pass).
+
+    Returns the trainer and the checkpoint directory to resume from (or None).
+    """
+    if training_args.should_save:
+        check_output_dir(training_args.output_dir)  # free space is checked by the trainer, once the model is known
+    checkpoint = resume_argument(training_args.resume_from_checkpoint)
+    if checkpoint is not None:
+        checkpoint = resolve_checkpoint(checkpoint, training_args.output_dir)
+    check_model_source(model_args.model_name_or_path)
+    train_dataset = load_preference_dataset(script_args.dataset_name, script_args.dataset_train_split)
+    eval_dataset = (
+        load_preference_dataset(script_args.dataset_name, script_args.dataset_test_split)
+        if script_args.dataset_test_split
+        else None
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+    )
+    ensure_pad_token(tokenizer)
+    # Validate and tokenize the rows before the model loads (the trainer takes tokenized data as is).
+    data_config, reports = training_args.to_data_config(), {}
+    train_dataset, reports["train"] = prepare_preference_dataset(train_dataset, tokenizer, data_config, name="train")
+    if eval_dataset is not None:
+        eval_dataset, reports["eval"] = prepare_preference_dataset(eval_dataset, tokenizer, data_config, name="eval")
+    model = load_causal_lm(
+        model_args.model_name_or_path, model_args.dtype, model_args.trust_remote_code, model_args.attn_implementation
+    )
+    trainer = MallowsPOTrainer(
+        model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        peft_config=model_args.peft_config(),
+        run_metadata={"model": asdict(model_args), "data": asdict(script_args)},
+        validation_reports=reports,
+    )
+    return trainer, checkpoint
+
+
+def fit(trainer, checkpoint: str | None = None):
+    """Train (resuming from ``checkpoint``), evaluate when there is eval data, save. Returns the trainer."""
+    training_args = trainer.args
+    trainer.train(resume_from_checkpoint=checkpoint)
+    if trainer.eval_dataset is not None:
+        trainer.evaluate()
+    trainer.save_model()
+    if training_args.should_save:
+        logger.info("saved the model, config, model card and dispersion.jsonl to %s", training_args.output_dir)
+        logger.info("last logged metrics: %s", format_metrics(trainer.last_logged_metrics()))
+    return trainer
+
+
+def train(model_args, script_args, training_args):
+    """Load model, tokenizer and data; train; save. Returns the trainer."""
+    return fit(*build_trainer(model_args, script_args, training_args))
+
+
+SUMMARY_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies",
+                   "mallows/neg_log_phi_mean", "mallows/neg_log_phi_min", "mallows/neg_log_phi_max", "train_runtime")
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={metrics[k]:.4g}" for k in SUMMARY_METRICS if k in metrics)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.show_fields:
+        argument_parser().print_help()
+        return 0
+    if args.accelerate_config:
+        return subprocess.call(accelerate_command(args))
+    if args.num_processes:
+        raise SystemExit("--num_processes goes with --accelerate_config (or use `accelerate launch` directly)")
+    with user_errors():  # settings, paths, data: the user's; errors in training keep their traceback
+        model_args, script_args, training_args = parse_run_config(args.config, args.overrides)
+        setup_logging(training_args.should_log)
+        trainer, checkpoint = build_trainer(model_args, script_args, training_args)
+    fit(trainer, checkpoint)
+    return 0

@@ -1,0 +1,229 @@
+"""What a run writes to its output directory, besides the model and the Trainer's own files:
+
+    mallowspo_config.yaml   every setting of the run (CONFIG_FILE)
+    README.md               the model card (``render_model_card``)
+    dispersion.jsonl        the per-example dispersion (DISPERSION_FILE)
+
+and the check, before any work, that the output directory can take them. The renderers
+format plain dicts: the trainer gathers the facts.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import yaml
+
+from mallowspo.training.models import is_peft_model
+
+CONFIG_FILE = "mallowspo_config.yaml"
+DISPERSION_FILE = "dispersion.jsonl"
+MODEL_CARD_FILE = "README.md"
+
+METHOD_NAMES = {
+    ("sigmoid", "none"): "DPO",
+    ("sigmoid", "theta"): "MallowsPO-theta",
+    ("sigmoid", "phi"): "MallowsPO-phi",
+    ("ipo", "none"): "IPO",
+    ("ipo", "theta"): "MallowsIPO",
+    ("simpo", "none"): "SimPO",
+    ("simpo", "theta"): "MallowsSimPO (theta)",
+    ("simpo", "phi"): "MallowsSimPO (phi)",
+}
+
+PAPER = "MallowsPO: Fine-Tune Your LLM with Preference Dispersions (Chen et al., ICLR 2025, arXiv 2405.14953)"
+
+
+def method_name(loss_type: str, mallows: str) -> str:
+    """A readable name for the objective, e.g. 'MallowsPO-phi' or 'robust + Mallows-theta'."""
+    if (loss_type, mallows) in METHOD_NAMES:
+        return METHOD_NAMES[(loss_type, mallows)]
+    return loss_type if mallows == "none" else f"{loss_type} + Mallows-{mallows}"
+
+
+def summary_statistics(values: np.ndarray) -> dict[str, float]:
+    """Count, mean, standard deviation, range and quantiles of per-example values (e.g. -log phi(x))."""
+    values = np.asarray(values, dtype=np.float64)
+    quantiles = np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95])
+    return {
+        "count": int(values.size),
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "min": float(values.min()),
+        "max": float(values.max()),
+        **{f"q{int(q * 100):02d}": float(v) for q, v in zip((0.05, 0.25, 0.5, 0.75, 0.95), quantiles)},
+    }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def render_model_card(facts: dict[str, Any]) -> str:
+    """README.md text from ``facts``: keys ``base_model``, ``dataset``, ``config`` (the
+    MallowsPOConfig as a dict), ``data`` (rows, validation summary), ``dispersion``
+    (settings and ``summary``), ``metrics`` (last logged values)."""
+    config = facts["config"]
+    method = method_name(config["loss_type"], config["mallows"])
+    lines = [
+        "---",
+        yaml.safe_dump({"library_name": "transformers", "tags": ["mallowspo", "preference-optimization", method]},
+                       sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {facts.get('model_name', 'Model')} fine-tuned with {method}",
+        "",
+        f"Base model: `{facts.get('base_model', 'unknown')}`. Preference data: `{facts.get('dataset', 'unknown')}`.",
+        f"Trained with [mallowspo](https://arxiv.org/abs/2405.14953), an implementation of {PAPER}.",
+        "",
+        "## Method",
+        "",
+        f"- objective: `loss_type={config['loss_type']}`, `mallows={config['mallows']}` ({method}), "
+        f"beta = {_fmt(config['beta'])}",
+    ]
+    if config["mallows"] == "phi":
+        lines.append(f"- phi link smoothing: `{config['phi_smoothing']}`, eps = `{config['smoothing_eps']}`")
+    if config["loss_type"] == "simpo":
+        lines.append(f"- SimPO margin gamma = {_fmt(config['simpo_gamma'])}, length-normalised log-probs")
+    if config.get("label_smoothing"):
+        lines.append(f"- label smoothing = {_fmt(config['label_smoothing'])}")
+    lines += [
+        f"- reference log-probs: {'precomputed once' if config['precompute_ref_log_probs'] else 'computed each step'}",
+        f"- optimisation: lr {_fmt(config['learning_rate'])}, {config['lr_scheduler_type']} schedule, "
+        f"per-device batch {config['per_device_train_batch_size']} x accumulation "
+        f"{config['gradient_accumulation_steps']}, seed {config['seed']}",
+        "",
+        "## Data",
+        "",
+        f"- max_length {config['max_length']}, max_prompt_length {config['max_prompt_length']}, "
+        f"max_completion_length {config['max_completion_length']}",
+    ]
+    for name, summary in facts.get("data", {}).items():
+        lines.append(f"- {name}: {summary}")
+    dispersion = facts.get("dispersion")
+    lines += ["", "## Dispersion", ""]
+    if dispersion is None:
+        lines.append("No dispersion was computed (no reference pass ran for this objective).")
+    else:
+        lines += [
+            f"- source: `{dispersion['source']}`" + (
+                f", phi* = {_fmt(dispersion['phi_star'])} (normalisation `{dispersion['normalization']}`), "
+                f"clamp {dispersion['clamp']}" if dispersion["source"] == "entropy" else ""
+            ),
+            f"- entropy model: {dispersion.get('entropy_model', 'the reference model')}",
+            "- per-example values: `dispersion.jsonl` (row_index, prompt, hbar, neg_log_phi, mean entropies)",
+            "",
+            "| statistic of -log phi(x) | value |",
+            "|---|---|",
+            *[f"| {key} | {_fmt(value)} |" for key, value in dispersion["summary"].items()],
+        ]
+    metrics = facts.get("metrics") or {}
+    if metrics:
+        lines += ["", "## Last logged metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {key} | {_fmt(value)} |" for key, value in metrics.items()]
+    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "model = AutoModelForCausalLM.from_pretrained(PATH)", "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+              "```", ""]
+    return "\n".join(lines)
+
+
+def write_resolved_config(path: str | Path, sections: dict[str, dict[str, Any]]) -> Path:
+    """Write ``sections`` (e.g. model, data, training) as YAML; values YAML cannot hold become strings."""
+    path = Path(path)
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {str(k): plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        return str(value)
+
+    path.write_text(yaml.safe_dump(plain(sections), sort_keys=False))
+    return path
+
+
+def write_model_card(output_dir: str | Path, facts: dict[str, Any]) -> Path:
+    """Write ``render_model_card(facts)`` to ``output_dir/README.md``; returns the path."""
+    path = Path(output_dir) / MODEL_CARD_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_model_card(facts))
+    return path
+
+
+DISPERSION_RECORD_FIELDS = ("row_index", "prompt", "hbar", "neg_log_phi", "ref_chosen_entropy", "ref_rejected_entropy")
+
+
+def dispersion_records(dataset: datasets.Dataset) -> list[dict[str, Any]]:
+    """One record per pair with the fields of ``DISPERSION_RECORD_FIELDS`` that the dataset has."""
+    present = [name for name in DISPERSION_RECORD_FIELDS if name in dataset.column_names]
+    table = dataset.select_columns(present).to_dict()
+    return [{name: table[name][i] for name in present} for i in range(len(dataset))]
+
+
+def write_dispersion_jsonl(path: str | Path, dataset: datasets.Dataset) -> Path:
+    """Write ``dispersion_records(dataset)`` as JSON lines; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for record in dispersion_records(dataset):
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def output_bytes_needed(model: torch.nn.Module, args: Any) -> int:
+    """A lower bound on the disk space the run writes to ``output_dir``: the saved weights
+    (only the trainable ones for an adapter), twice with checkpoints (one checkpoint, then
+    the final model). Optimizer states and logs come on top."""
+    params = list(model.parameters())
+    saved = [p for p in params if p.requires_grad] if is_peft_model(model) else params
+    weights = sum(p.numel() * p.element_size() for p in saved)
+    return weights * (1 if args.save_strategy == "no" else 2)
+
+
+
+def check_output_dir(output_dir: str | Path, needed_bytes: int = 0) -> None:
+    """Fail before any work when ``output_dir`` cannot be created or written, or when its disk
+    has less than ``needed_bytes`` free. Raises NotADirectoryError, PermissionError or OSError
+    with a message that names the directory and what to do."""
+    path = Path(output_dir).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), path)
+        raise NotADirectoryError(
+            f"output_dir {path} cannot be created: {blocker} is a file, not a directory. Choose another --output_dir."
+        ) from None
+    except OSError as error:
+        message = f"output_dir {path} cannot be created ({error.strerror}); choose another --output_dir"
+        raise OSError(error.errno, message) from None
+    probe = path / f".mallowspo-write-test-{uuid.uuid4().hex[:8]}"
+    try:
+        probe.write_bytes(b"0")
+    except OSError as error:
+        message = f"output_dir {path} is not writable ({error.strerror}); fix its permissions or choose another "
+        message += "--output_dir"
+        raise PermissionError(error.errno, message) from None
+    finally:
+        probe.unlink(missing_ok=True)
+    free = shutil.disk_usage(path).free
+    if free < needed_bytes:
+        raise OSError(
+            errno.ENOSPC,
+            f"not enough free disk space for output_dir {path}: {free / 2**20:.1f} MiB free, the run writes at least "
+            f"{needed_bytes / 2**20:.1f} MiB (the saved model, and a checkpoint). Free some space or choose another "
+            "--output_dir",
+        )
+

@@ -1,0 +1,360 @@
+"""The reference pass: one pass of the reference model over the preference data, and its cache.
+
+For each pair it computes, batch by batch (memory bounded: only per-pair numbers are
+kept, and ``mallowspo.training.head`` scores completion tokens without building (batch, length,
+vocab) logits):
+
+    ref_chosen_logps, ref_rejected_logps      summed completion log-probs (nats)
+    ref_chosen_entropy, ref_rejected_entropy  mean per-token entropy of the next-token
+                                              distribution over the completion (nats)
+    hbar                                      Hbar(x) of eq. 11, in [0, 1]
+
+These are cached on disk under a key built from the tokens themselves (a content hash
+of the prompt/chosen/rejected token ids, which covers the dataset, the tokenizer and the
+truncation), the reference weights, the tokenizer's vocabulary and chat template, the
+data settings (max lengths, truncation, EOS) and the mixed-precision mode. Any change
+recomputes; an unchanged rerun reuses; the log says which happened. Writes are atomic
+(temp dir + rename): a run killed while writing leaves no entry, and a damaged entry is
+recomputed and replaced. A cache that cannot be written is a warning, not an error. A pass
+that gives NaN or inf is an error and is never cached.
+
+Cache root: ``$MALLOWSPO_CACHE`` or ``~/.cache/mallowspo``; entries live in
+``<root>/reference/<key>/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from trl.trainer.utils import hash_module
+
+from mallowspo.dispersion import DispersionEstimate, DispersionSource, dispersion_estimate, normalized_entropy
+from mallowspo.training.data import TOKEN_COLUMNS
+from mallowspo.training.collate import PreferenceCollator, split_pairs
+from mallowspo.training.scoring import output_vocab_size, score_completions
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_entropy", "ref_rejected_entropy", "hbar")
+STALE_TMP_SECONDS = 3600  # a temp dir of a cache write older than this was left by a killed writer
+
+
+# ---------------------------------------------------------------------------------------
+# The pass
+# ---------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def compute_reference_columns(
+    model: torch.nn.Module,
+    dataset: datasets.Dataset,
+    collator: PreferenceCollator,
+    accelerator: Accelerator,
+    batch_size: int,
+    vocab_size: int,
+    reference_context: Callable[[], AbstractContextManager] = nullcontext,
+    desc: str = "reference pass",
+    with_entropy: bool = True,
+) -> dict[str, np.ndarray]:
+    """One pass of the reference model over ``dataset``; returns the ``REFERENCE_COLUMNS`` (N,) float64
+    (only the two log-prob columns when not ``with_entropy``: what a plain DPO pass computes).
+
+    Batches are sharded over processes and gathered back in dataset order. Only (B,)
+    numbers per batch are kept. ``reference_context`` wraps each forward (e.g. a PEFT
+    model's ``disable_adapter``), so the policy can serve as its own reference.
+    """
+    loader = DataLoader(
+        dataset.select_columns(list(TOKEN_COLUMNS)),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collator,
+    )
+    loader = accelerator.prepare(loader)
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in REFERENCE_COLUMNS if name != "hbar"}
+    try:
+        for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process):
+            with reference_context(), accelerator.autocast():
+                scores = score_completions(model, batch, with_entropy=with_entropy)
+            chosen_logps, rejected_logps = split_pairs(scores.logps.double())
+            chosen_entropy, rejected_entropy = split_pairs(scores.mean_entropy.double())
+            stacked = torch.stack([chosen_logps, rejected_logps, chosen_entropy, rejected_entropy], dim=1)
+            stacked = accelerator.gather_for_metrics(stacked).cpu()
+            for i, name in enumerate(parts):
+                parts[name].append(stacked[:, i])
+    finally:
+        model.train(was_training)
+    columns = {name: torch.cat(values) for name, values in parts.items()}
+    if not with_entropy:
+        return {name: columns[name].numpy() for name in ("ref_chosen_logps", "ref_rejected_logps")}
+    columns["hbar"] = normalized_entropy(columns["ref_chosen_entropy"], columns["ref_rejected_entropy"], vocab_size)
+    return {name: values.numpy() for name, values in columns.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Cache key
+# ---------------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """``$MALLOWSPO_CACHE`` or ``~/.cache/mallowspo``."""
+    return Path(os.environ.get("MALLOWSPO_CACHE") or Path.home() / ".cache" / "mallowspo").expanduser()
+
+
+def token_fingerprint(dataset: datasets.Dataset, batch_size: int = 4096) -> str:
+    """SHA-256 of the token columns in row order: the exact tokens both passes see."""
+    digest = hashlib.sha256()
+    view = dataset.select_columns(list(TOKEN_COLUMNS)).with_format("arrow")
+    for start in range(0, len(dataset), batch_size):
+        table = view[start : start + batch_size]
+        for name in TOKEN_COLUMNS:
+            column = table.column(name).combine_chunks()
+            digest.update(name.encode())
+            digest.update(np.asarray(column.value_lengths(), dtype=np.int64).tobytes())
+            digest.update(np.asarray(column.flatten(), dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 of the reference weights.
+
+    For a PEFT model the reference is the base model with the adapter disabled, so the
+    adapter's own tensors (named after the adapter, e.g. ``lora_A.default.weight``) are left out.
+    """
+    adapters = set(getattr(model, "peft_config", None) or ())
+    if not adapters:
+        return hash_module(model)
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if adapters & set(name.split(".")):
+            continue
+        tensor = tensor.detach().cpu()
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        if tensor.dtype not in (torch.float32, torch.float64, torch.float16, torch.int64, torch.int32, torch.bool):
+            tensor = tensor.float()
+        digest.update(tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """SHA-256 of the vocabulary, the special tokens and the chat template."""
+    payload = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": sorted(str(t) for t in tokenizer.all_special_tokens),
+        "chat_template": getattr(tokenizer, "chat_template", None),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def reference_cache_key(
+    tokens: str, weights: str, tokenizer: str, data_settings: dict[str, Any], precision: str
+) -> tuple[str, dict[str, Any]]:
+    """The cache key (hex) and the components it hashes (stored next to the entry)."""
+    components = {
+        "format": CACHE_FORMAT_VERSION,
+        "tokens": tokens,
+        "weights": weights,
+        "tokenizer": tokenizer,
+        "data": data_settings,
+        "precision": precision,
+    }
+    key = hashlib.sha256(json.dumps(components, sort_keys=True, default=str).encode()).hexdigest()[:32]
+    return key, components
+
+
+# ---------------------------------------------------------------------------------------
+# Cache storage
+# ---------------------------------------------------------------------------------------
+
+
+def cache_dir_for(key: str, root: Path | None = None) -> Path:
+    return (root or cache_root()) / "reference" / key
+
+
+def read_cache(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached columns at ``path``, or None when there is no complete, readable entry
+    (an unreadable one, e.g. damaged on disk, is logged and treated as missing)."""
+    if not (path / "meta.json").is_file():
+        return None
+    try:
+        rows = json.loads((path / "meta.json").read_text())["rows"]
+        with np.load(path / "columns.npz") as stored:
+            columns = {name: stored[name] for name in REFERENCE_COLUMNS}
+    except Exception as error:  # noqa: BLE001 - any damage (JSON, zip, missing array) means: recompute
+        logger.warning("reference cache entry %s is unreadable (%s: %s); recomputing it",
+                       path, type(error).__name__, error)
+        return None
+    if any(len(values) != rows for values in columns.values()):
+        logger.warning("reference cache entry %s is incomplete (not %d rows per column); recomputing it", path, rows)
+        return None
+    return columns
+
+
+def check_finite_columns(columns: dict[str, np.ndarray], dataset: datasets.Dataset, name: str) -> None:
+    """Raise FloatingPointError naming the rows when the reference pass gave NaN or inf.
+
+    Such values would make the loss NaN (or silently meaningless) for those pairs; they are
+    never cached.
+    """
+    bad = np.zeros(len(dataset), dtype=bool)
+    for values in columns.values():
+        bad |= ~np.isfinite(values)
+    if not bad.any():
+        return
+    which = [column for column, values in columns.items() if not np.isfinite(values).all()]
+    positions = np.flatnonzero(bad)
+    rows = dataset["row_index"] if "row_index" in dataset.column_names else list(range(len(dataset)))
+    examples = ", ".join(str(rows[int(i)]) for i in positions[:5])
+    raise FloatingPointError(
+        f"the reference pass ({name}) gave NaN or inf {'/'.join(which)} for {len(positions)} of {len(dataset)} "
+        f"pairs (data rows {examples}{', ...' if len(positions) > 5 else ''}); nothing was cached. Usual cause: "
+        "the reference model overflows in float16; load it in bfloat16 or float32 (--dtype bfloat16), or check "
+        "its weights."
+    )
+
+
+def write_cache_atomically(path: Path, columns: dict[str, np.ndarray], components: dict[str, Any]) -> None:
+    """Write the entry into a temp dir, then rename it into place; an entry written
+    meanwhile by another process wins. A killed writer leaves only a ``.tmp-*`` dir, which
+    a later write of the same key removes once it is STALE_TMP_SECONDS old."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".tmp-{path.name}-*"):
+        try:
+            if time.time() - stale.stat().st_mtime > STALE_TMP_SECONDS:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:  # removed meanwhile by another writer
+            continue
+    tmp = path.parent / f".tmp-{path.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        np.savez(tmp / "columns.npz", **columns)
+        meta = {"rows": int(len(columns["hbar"])), "components": components}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))  # written last: marks completeness
+        os.rename(tmp, path)
+    except OSError:
+        if not (path / "meta.json").is_file():
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class ReferenceResult:
+    """The reference columns of one split and where they came from."""
+
+    columns: dict[str, np.ndarray]
+    cache_dir: Path
+    reused: bool
+
+
+def load_or_compute_reference_columns(
+    model: torch.nn.Module,
+    dataset: datasets.Dataset,
+    collator: PreferenceCollator,
+    accelerator: Accelerator,
+    *,
+    batch_size: int,
+    weights: str,
+    tokenizer: Any,
+    data_settings: dict[str, Any] | Any,
+    reference_context: Callable[[], AbstractContextManager] = nullcontext,
+    name: str = "train",
+) -> ReferenceResult:
+    """Reuse the cached reference columns for exactly this input, or compute and cache them.
+
+    ``weights`` is ``weights_fingerprint`` of the reference; ``data_settings`` the
+    tokenization settings (a dataclass such as ``PreferenceDataConfig``, or a dict). The decision
+    is taken on the main process and shared, so all processes agree.
+    """
+    if dataclasses.is_dataclass(data_settings):
+        data_settings = dataclasses.asdict(data_settings)
+    key, components = reference_cache_key(
+        token_fingerprint(dataset), weights, tokenizer_fingerprint(tokenizer), data_settings,
+        str(accelerator.mixed_precision),
+    )
+    shared = [key, components]
+    broadcast_object_list(shared, from_process=0)
+    key, components = shared
+    path = cache_dir_for(key)
+
+    decision = [read_cache(path) is not None]
+    broadcast_object_list(decision, from_process=0)
+    if decision[0]:
+        columns = read_cache(path)
+        if columns is not None and len(columns["hbar"]) == len(dataset):
+            logger.info("reference pass (%s): reused the cache at %s (%d rows)", name, path, len(dataset))
+            return ReferenceResult(columns, path, reused=True)
+
+    damaged = path.exists()  # an entry is there but could not be used: replace it
+    logger.info("reference pass (%s): computing for %d rows (no %scache entry for key %s)", name, len(dataset),
+                "usable " if damaged else "", key)
+    columns = compute_reference_columns(
+        model, dataset, collator, accelerator, batch_size, output_vocab_size(model),
+        reference_context=reference_context, desc=f"reference pass ({name})",
+    )
+    check_finite_columns(columns, dataset, name)
+    if accelerator.is_main_process:
+        try:
+            if damaged:
+                shutil.rmtree(path, ignore_errors=True)
+            write_cache_atomically(path, columns, components)
+            logger.info("reference pass (%s): cached at %s", name, path)
+        except OSError as error:  # the cache only saves time: go on without it
+            logger.warning("reference pass (%s): could not cache the results at %s (%s); continuing without the "
+                           "cache (set MALLOWSPO_CACHE to a writable directory)", name, path, error)
+    accelerator.wait_for_everyone()
+    return ReferenceResult(columns, path, reused=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Attaching the results to a split
+# ---------------------------------------------------------------------------------------
+
+
+def with_columns(dataset: datasets.Dataset, columns: dict[str, np.ndarray]) -> datasets.Dataset:
+    """``dataset`` with ``columns`` (each (N,)) added, replacing columns of the same names."""
+    for name, values in columns.items():
+        if name in dataset.column_names:
+            dataset = dataset.remove_columns(name)
+        dataset = dataset.add_column(name, np.asarray(values).tolist())
+    return dataset
+
+
+def with_dispersion(
+    dataset: datasets.Dataset, source: DispersionSource, phi_star: float | None = None
+) -> tuple[datasets.Dataset, DispersionEstimate]:
+    """``dataset`` with its ``neg_log_phi`` column from ``source`` (``mallowspo.dispersion.dispersion_estimate``:
+    ``hbar`` from the reference pass, or the data's ``dispersion`` column), and the estimate.
+
+    ``phi_star``: the one fitted on the train split, for the other splits."""
+    columns = dataset.column_names
+    estimate = dispersion_estimate(
+        source,
+        size=len(dataset),
+        hbar=np.asarray(dataset["hbar"]) if "hbar" in columns else None,
+        column=np.asarray(dataset["dispersion"]) if source.source == "column" else None,
+        phi_star=phi_star,
+    )
+    return with_columns(dataset, {"neg_log_phi": estimate.neg_log_phi.numpy()}), estimate

@@ -1,0 +1,381 @@
+"""MallowsPOTrainer: a ``transformers.Trainer`` that fine-tunes a causal LM with MallowsPO.
+
+This module only wires the parts together; the life of a run:
+
+1. Data (``training.data``): raw preference rows are validated and tokenized (already
+   tokenized datasets, with ``prompt_input_ids``, are checked and used as they are).
+2. Models (``training.models``): the policy (and a separate reference, if any) get the
+   completion head (``training.head``); what serves as the reference is described there.
+3. The reference pass (``training.reference``): reference log-probs and entropies per pair,
+   cached on disk. Then the dispersion -log phi(x) per split, by the one dispersion path
+   (``mallowspo.dispersion.dispersion_estimate``): the train split first, and its phi* is
+   passed to the evaluation splits.
+4. Training: chosen and rejected in one concatenated forward (``training.scoring``); the loss
+   is ``mallowspo.losses.preference_loss``; metrics (``training.metrics``) use TRL's names and
+   are pooled per example over accumulation steps, processes and log steps.
+5. Saving (``training.outputs``): ``save_model`` writes the HF model (or adapter) and
+   tokenizer, and the final save adds the resolved config, the model card and ``dispersion.jsonl``.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from transformers import AutoTokenizer, PreTrainedModel, Trainer
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.models.utils import disable_gradient_checkpointing
+from trl.trainer.utils import get_config_model_id
+
+from mallowspo.losses import PreferenceLossOutput, preference_loss
+from mallowspo.training.checkpoints import STATE_FILE, TRAINING_ARGS_PICKLE, resolve_checkpoint
+from mallowspo.training.collate import PreferenceCollator, split_pairs
+from mallowspo.training.config import MallowsPOConfig
+from mallowspo.training.data import ValidationReport, check_tokenized_dataset, prepare_preference_dataset
+from mallowspo.training.metrics import MetricAccumulator, non_finite_message, pair_metrics
+from mallowspo.training.models import REFERENCE_KINDS, ensure_pad_token, is_peft_model, load_causal_lm, prepare_models
+from mallowspo.training.outputs import (
+    CONFIG_FILE,
+    DISPERSION_FILE,
+    check_output_dir,
+    output_bytes_needed,
+    summary_statistics,
+    write_dispersion_jsonl,
+    write_model_card,
+    write_resolved_config,
+)
+from mallowspo.training.reference import (
+    ReferenceResult,
+    load_or_compute_reference_columns,
+    weights_fingerprint,
+    with_columns,
+    with_dispersion,
+)
+from mallowspo.training.scoring import score_completions
+
+logger = logging.getLogger(__name__)
+
+
+class MallowsPOTrainer(Trainer):
+    """Fine-tune a causal LM with MallowsPO (see the module docstring for the life of a run).
+
+    Args:
+        model: a ``PreTrainedModel``, a PEFT model, or a local path / hub id to load.
+        ref_model: an explicit frozen reference; None for the defaults (``training.models``).
+        args: a ``MallowsPOConfig``.
+        train_dataset, eval_dataset: preference data in TRL's formats (validated and
+            tokenized with ``args.to_data_config()``), or already tokenized by
+            ``mallowspo.training.data.prepare_preference_dataset``.
+        processing_class: the tokenizer; loaded from ``model``'s path when None.
+        peft_config: a ``peft`` config (e.g. ``LoraConfig``) to train an adapter.
+        callbacks: extra ``TrainerCallback``s.
+        run_metadata: sections of settings outside ``args`` (e.g. the command line's
+            ``model`` and ``data``), written into the resolved config and the model card.
+        validation_reports: split -> ``ValidationReport`` of data tokenized beforehand.
+
+    After construction: ``reference_results`` (split -> ``ReferenceResult``: the cache
+    directory and whether it was reused), ``validation_reports`` (split -> report),
+    ``phi_star`` (fitted or fixed phi* of the entropy estimate, or None).
+    """
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; the Trainer divides by accumulation
+
+    def __init__(
+        self,
+        model: PreTrainedModel | torch.nn.Module | str,
+        ref_model: PreTrainedModel | None = None,
+        args: MallowsPOConfig | None = None,
+        train_dataset: datasets.Dataset | None = None,
+        eval_dataset: datasets.Dataset | dict[str, datasets.Dataset] | None = None,
+        processing_class: Any = None,
+        peft_config: Any = None,
+        callbacks: list | None = None,
+        run_metadata: dict[str, dict[str, Any]] | None = None,
+        validation_reports: dict[str, ValidationReport] | None = None,
+    ):
+        args = args if args is not None else MallowsPOConfig(output_dir="mallowspo_output")
+        if not isinstance(args, MallowsPOConfig):
+            raise TypeError(f"args must be a MallowsPOConfig, got {type(args).__name__}")
+        if isinstance(model, str):
+            model = load_causal_lm(model)
+        if processing_class is None:
+            processing_class = AutoTokenizer.from_pretrained(get_config_model_id(model.config))
+        ensure_pad_token(processing_class)
+
+        self.run_metadata = dict(run_metadata or {})
+        self.validation_reports = dict(validation_reports or {})
+        self._data_config = args.to_data_config()
+        train_dataset = self._tokenize(train_dataset, "train", processing_class)
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {k: self._tokenize(v, f"eval_{k}", processing_class) for k, v in eval_dataset.items()}
+        else:
+            eval_dataset = self._tokenize(eval_dataset, "eval", processing_class)
+
+        # Hashed before a LoRA adapter is added: a LoRA run shares the cache of its base model.
+        weights = weights_fingerprint(ref_model if ref_model is not None else model) if args.runs_reference_pass else ""
+        model, ref_model, self._reference_kind = prepare_models(model, ref_model, args, peft_config)
+        if args.should_save:  # before the reference pass and training: fail now, not at the first save
+            check_output_dir(args.output_dir, output_bytes_needed(model, args))
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=PreferenceCollator(processing_class.pad_token_id),
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+        )
+        if args.n_gpu > 1:
+            raise ValueError(
+                "MallowsPOTrainer does not support nn.DataParallel (several GPUs in one process); "
+                "launch with `accelerate launch` (or `mallowspo train --accelerate_config ddp`)"
+            )
+        self._metrics = {"train": MetricAccumulator(), "eval": MetricAccumulator()}
+        self.ref_model = self._place_reference(ref_model)
+        logger.info("reference: %s", REFERENCE_KINDS[self._reference_kind])
+        if args.reference_free and args.runs_reference_pass:
+            logger.info("%s is reference-free: the dispersion entropy comes from %s",
+                        args.loss_type, REFERENCE_KINDS[self._reference_kind])
+        self.reference_results: dict[str, ReferenceResult] = {}
+        self.phi_star: float | None = None
+        self._add_reference_columns_to_splits(weights)
+        if args.precompute_ref_log_probs or args.reference_free:
+            self.ref_model = None  # everything it gives is precomputed: do not keep it during training
+
+    # ---- construction steps --------------------------------------------------------
+
+    def _tokenize(self, dataset: datasets.Dataset | None, name: str, tokenizer: Any) -> datasets.Dataset | None:
+        """Validate and tokenize raw preference rows; tokenized data is checked and passes through."""
+        if dataset is None:
+            return None
+        if "prompt_input_ids" in dataset.column_names:
+            check_tokenized_dataset(dataset, name)
+            return dataset
+        dataset, report = prepare_preference_dataset(dataset, tokenizer, self._data_config, name=name)
+        self.validation_reports[name] = report
+        return dataset
+
+    def _place_reference(self, ref_model: PreTrainedModel | None) -> torch.nn.Module | None:
+        """Put the separate reference on this process's device (sharded under DeepSpeed ZeRO-3 / FSDP)."""
+        if ref_model is None:
+            return None
+        if self.is_deepspeed_enabled:
+            return prepare_deepspeed(ref_model, self.accelerator)
+        if self.is_fsdp_enabled:
+            return prepare_fsdp(ref_model, self.accelerator)
+        return ref_model.to(self.accelerator.device)
+
+    # ---- the reference pass and the dispersion ---------------------------------------
+
+    def _reference_context(self):
+        """Context under which ``self.model`` acts as the reference: its adapter disabled (PEFT)."""
+        if self.ref_model is None and is_peft_model(self.model):
+            return self.accelerator.unwrap_model(self.model).disable_adapter()
+        return nullcontext()
+
+    def _pass_model(self) -> torch.nn.Module:
+        """The model the reference pass runs: the separate reference, or the (not yet trained) policy."""
+        if self.ref_model is not None:
+            return self.ref_model
+        if self.is_deepspeed_enabled:  # parameters are not placed/gathered before train(): use an inference engine
+            return prepare_deepspeed(self.model, self.accelerator)
+        return self.model
+
+    def _add_reference_columns_to_splits(self, weights: str) -> None:
+        """Run (or reuse) the reference pass on every split and attach its columns and ``neg_log_phi``.
+
+        The train split goes first: the phi* fitted there is passed to every evaluation split
+        (without train data, the first evaluation split fits it)."""
+        model = self._pass_model() if self.args.runs_reference_pass else None
+        if self.train_dataset is not None:
+            self.train_dataset = self._add_reference_columns(self.train_dataset, "train", model, weights)
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {
+                k: self._add_reference_columns(v, f"eval_{k}", model, weights) for k, v in self.eval_dataset.items()
+            }
+        elif self.eval_dataset is not None:
+            self.eval_dataset = self._add_reference_columns(self.eval_dataset, "eval", model, weights)
+
+    def _add_reference_columns(
+        self, dataset: datasets.Dataset, name: str, model: torch.nn.Module | None, weights: str
+    ) -> datasets.Dataset:
+        """Attach the reference columns (cached pass, when ``model`` is given) and ``neg_log_phi`` to a split."""
+        if model is not None:
+            batch_size = self.args.precompute_ref_batch_size or (
+                self.args.per_device_train_batch_size if name == "train" else self.args.per_device_eval_batch_size
+            )
+            result = load_or_compute_reference_columns(
+                model, dataset, self.data_collator, self.accelerator,
+                batch_size=batch_size, weights=weights, tokenizer=self.processing_class,
+                data_settings=self._data_config, reference_context=self._reference_context, name=name,
+            )
+            self.reference_results[name] = result
+            dataset = with_columns(dataset, result.columns)
+        if self.args.mallows == "none":  # the loss has no dispersion: none is attached, logged or written
+            return dataset
+        dataset, estimate = with_dispersion(dataset, self.args.dispersion_settings(), phi_star=self.phi_star)
+        if estimate.phi_star is not None and self.phi_star is None:
+            self.phi_star = estimate.phi_star
+            fitted = "train mean 1" if self.args.dispersion_normalization == "mean" else "fixed"
+            logger.info("dispersion: phi* = %.4g (%s, from split %s)", estimate.phi_star, fitted, name)
+        return dataset
+
+    # ---- loss and metrics -------------------------------------------------------------
+
+    def _reference_logps(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Reference log-probs of the batch: precomputed, computed now, or None (reference-free)."""
+        if self.args.reference_free:
+            return None, None
+        if self.args.precompute_ref_log_probs:
+            return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        model = self.ref_model if self.ref_model is not None else self.model
+        checkpointing = (  # a no-grad forward through checkpointed layers only warns: switch it off meanwhile
+            disable_gradient_checkpointing(self.accelerator.unwrap_model(self.model), self.args.activation_checkpointing_kwargs)
+            if self.args.activation_checkpointing and self.ref_model is None
+            else nullcontext()
+        )
+        with torch.no_grad(), self._reference_context(), checkpointing:
+            scores = score_completions(model, inputs)
+        return split_pairs(scores.logps.float())
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, PreferenceLossOutput]:
+        """Mean preference loss of a ``PreferenceCollator`` batch (B pairs, one forward of 2B rows)."""
+        policy = score_completions(model, inputs)
+        chosen_logps, rejected_logps = split_pairs(policy.logps)
+        chosen_lengths, rejected_lengths = split_pairs(policy.lengths)
+        ref_chosen_logps, ref_rejected_logps = self._reference_logps(inputs)
+        args = self.args
+        output = preference_loss(
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            loss_type=args.loss_type,
+            beta=args.beta,
+            mallows=args.mallows,
+            neg_log_phi=inputs.get("neg_log_phi") if args.mallows != "none" else None,
+            phi_smoothing=args.phi_smoothing,
+            smoothing_eps=args.smoothing_eps,
+            label_smoothing=args.label_smoothing,
+            simpo_gamma=args.simpo_gamma,
+            chosen_lengths=chosen_lengths,
+            rejected_lengths=rejected_lengths,
+            length_normalize=args.length_normalize,
+        )
+        loss = output.losses.mean()
+        self._record_metrics(model, output, pair_metrics(output, chosen_logps, rejected_logps, inputs, args.mallows))
+        return (loss, output) if return_outputs else loss
+
+    def _record_metrics(
+        self, model: torch.nn.Module, output: PreferenceLossOutput, per_example: dict[str, torch.Tensor]
+    ) -> None:
+        """Gather this batch's per-example metrics from all processes (one collective) and pool them;
+        stop with FloatingPointError instead of logging NaN (the Trainer would step on it)."""
+        names = list(per_example)
+        columns = [per_example[n].detach().float() for n in names] + [output.losses.detach().float()]
+        stacked = self.accelerator.gather_for_metrics(torch.stack(columns, dim=1))
+        accumulator = self._metrics["train" if model.training else "eval"]
+        if not accumulator.update(names, stacked):  # every process sees the same gathered values; loss checked too
+            raise FloatingPointError(non_finite_message(names + ["loss"], stacked, self.state.global_step, model.training))
+
+    # ---- Trainer hooks ----------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """``Trainer.train``, resuming only from complete checkpoints: ``True`` picks the newest
+        complete ``checkpoint-N`` in ``output_dir`` (skipping one a killed run left half
+        written), and a given path is checked before anything is loaded."""
+        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+            resume_from_checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the train metrics pooled since the last training log to each training log."""
+        if "loss" in logs:
+            logs.update(self._metrics["train"].pop())
+        super().log(logs, start_time)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        """The Trainer's loop, plus the pooled metrics of the evaluated examples under ``{prefix}_``."""
+        self._metrics["eval"].reset()
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        output.metrics.update({f"{metric_key_prefix}_{k}": v for k, v in self._metrics["eval"].pop().items()})
+        return output
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation computes the preference loss (there are no labels and no logits to return)."""
+        inputs = {k: v.to(self.args.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ---- outputs ----------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the model (or adapter, as safetensors) and tokenizer; a final save (not a
+        checkpoint) also writes the resolved config, the log history, the model card and the
+        per-example dispersion file. No pickle file is left (see TRAINING_ARGS_PICKLE)."""
+        super().save_model(output_dir, _internal_call)
+        if not self.args.should_save:
+            return
+        output_dir = Path(output_dir or self.args.output_dir)
+        (output_dir / TRAINING_ARGS_PICKLE).unlink(missing_ok=True)
+        if _internal_call:  # a checkpoint: the Trainer adds its own state files
+            return
+        write_resolved_config(output_dir / CONFIG_FILE, self.resolved_config())
+        self.state.save_to_json(str(output_dir / STATE_FILE))  # the log history, for scripts and plots
+        if self.train_dataset is not None and "neg_log_phi" in self.train_dataset.column_names:
+            write_dispersion_jsonl(output_dir / DISPERSION_FILE, self.train_dataset)
+        write_model_card(output_dir, self.model_card_facts())
+
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """Write the MallowsPO model card to ``output_dir/README.md`` (replaces the Trainer's draft)."""
+        if self.args.should_save:
+            write_model_card(self.args.output_dir, self.model_card_facts())
+
+    def resolved_config(self) -> dict[str, dict[str, Any]]:
+        """Every setting of the run: ``run_metadata`` sections (model, data, set by the CLI) plus training."""
+        training = self.args.to_dict()
+        training["phi_star"] = self.phi_star
+        return {**self.run_metadata, "training": training}
+
+    def last_logged_metrics(self) -> dict[str, float]:
+        """The latest value of every logged metric (train, eval and run summary)."""
+        merged: dict[str, float] = {}
+        for entry in self.state.log_history:
+            merged.update(entry)
+        return merged
+
+    def model_card_facts(self) -> dict[str, Any]:
+        """The facts ``render_model_card`` formats."""
+        model_meta = self.run_metadata.get("model", {})
+        data_meta = self.run_metadata.get("data", {})
+        base = model_meta.get("model_name_or_path") or get_config_model_id(self.accelerator.unwrap_model(self.model).config)
+        facts: dict[str, Any] = {
+            "model_name": Path(self.args.output_dir).name,
+            "base_model": base,
+            "dataset": data_meta.get("dataset_name", "unknown"),
+            "config": self.args.to_dict(),
+            "data": {name: report.summary().splitlines()[0] for name, report in self.validation_reports.items()},
+            "metrics": self.last_logged_metrics(),
+        }
+        if self.train_dataset is not None and "neg_log_phi" in self.train_dataset.column_names:
+            facts["dispersion"] = {
+                "source": self.args.dispersion_source,
+                "normalization": self.args.dispersion_normalization,
+                "phi_star": self.phi_star,
+                "clamp": self.args.dispersion_clamp,
+                "entropy_model": REFERENCE_KINDS[self._reference_kind],
+                "summary": summary_statistics(np.asarray(self.train_dataset["neg_log_phi"])),
+            }
+        return facts

@@ -1,0 +1,176 @@
+"""Reliability, bad settings: through `mallowspo train` (in-process and one real process).
+
+Each invalid setting is exit code 2 with one line `error: ...` that says what is wrong and,
+where the setting is checked before loading, before any model is loaded. `--debug` or
+MALLOWSPO_DEBUG=1 shows the traceback; errors that are bugs (raised while training) keep it.
+The value checks themselves are unit-tested in tests/test_trainer.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mallowspo.cli import main
+from mallowspo.training.trainer import MallowsPOTrainer
+
+torch.set_num_threads(1)
+
+BAD = Path(__file__).parents[1] / "fixtures" / "bad"
+
+# command-line overrides -> a fragment of the one-line error
+SETTINGS = {
+    "beta_zero": (["--beta", "0"], "beta must be > 0, got 0.0"),
+    "beta_negative": (["--beta", "-0.1"], "beta must be > 0, got -0.1"),
+    "unknown_loss_type": (["--loss_type", "kto"], "unknown loss_type 'kto'; choose one of"),
+    "unknown_mallows_variant": (["--mallows", "kendall"], "unknown Mallows variant 'kendall'"),
+    "smoothing_eps_zero": (["--smoothing_eps", "0"], "smoothing_eps must be > 0, got 0.0"),
+    "smoothing_eps_negative": (["--smoothing_eps", "-0.1"], "smoothing_eps must be > 0, got -0.1"),
+    "clamp_min_above_max": (["--dispersion_clamp", "5", "1"], "dispersion_clamp needs 0 <= min <= max, got min=5.0"),
+    "max_length_within_prompt_budget": (["--max_length", "24", "--max_prompt_length", "24"],
+                                        "max_length (24) must exceed max_prompt_length (24)"),
+    "unknown_key": (["--betta", "0.1"], "unknown keys in the command line: betta (did you mean beta?)"),
+    "missing_model_path": (["--model_name_or_path", "/no/such/model"], "Model not found: there is no directory at '/no/such/model'"),
+    "missing_data_file": (["--dataset_name", "/no/such/prefs.jsonl"], "Preference data not found"),
+    "missing_checkpoint": (["--resume_from_checkpoint", "/no/such/checkpoint-3"], "checkpoint to resume from not found"),
+    "no_checkpoint_to_resume": (["--resume_from_checkpoint", "last"], "no complete checkpoint to resume from"),
+}
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fail the test if the command gets as far as loading a model."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error")
+
+    monkeypatch.setattr("mallowspo.training.models.AutoModelForCausalLM.from_pretrained", refuse)
+
+
+def last_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert lines and "Traceback" not in err, err
+    return lines[-1]
+
+
+@pytest.mark.parametrize("case", sorted(SETTINGS))
+def test_bad_setting_is_a_one_line_error_before_loading(case, run_cli, make_recipe, no_model_loading):
+    overrides, message = SETTINGS[case]
+    code, _, err = run_cli("train", "--config", make_recipe(), *overrides)
+    assert code == 2
+    line = last_line(err)
+    assert line.startswith("error: ") and message in line, line
+
+
+def test_missing_recipe_file(run_cli, tmp_path):
+    code, _, err = run_cli("train", "--config", tmp_path / "nope.yaml")
+    assert code == 2 and last_line(err) == f"error: recipe not found: {tmp_path / 'nope.yaml'}"
+
+
+def test_model_directory_without_a_model(run_cli, make_recipe, tmp_path, no_model_loading):
+    (tmp_path / "empty_model").mkdir()
+    code, _, err = run_cli("train", "--config", make_recipe(model_name_or_path=str(tmp_path / "empty_model")))
+    assert code == 2 and "holds no config.json: it is not a saved model" in last_line(err)
+
+
+def test_relative_model_path_under_a_local_directory_is_not_taken_for_a_hub_id(run_cli, make_recipe, tmp_path,
+                                                                             monkeypatch, no_model_loading):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # `runs/never_trained` is a local path, not the hub repo of an owner "runs"
+    code, _, err = run_cli("train", "--config", make_recipe(), "--model_name_or_path", "runs/never_trained")
+    assert code == 2 and "Model not found: there is no directory at 'runs/never_trained'" in last_line(err)
+
+
+def test_lora_without_peft_installed(run_cli, make_recipe, monkeypatch, no_model_loading):
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now fails, as when it is not installed
+    code, _, err = run_cli("train", "--config", make_recipe(), "--use_peft", "true")
+    assert code == 2 and "use_peft needs the peft package: pip install 'mallowspo[peft]'" in last_line(err)
+
+
+def test_tokenizer_without_pad_token_uses_eos_and_says_so(run_cli, make_recipe, tiny_lm_dir, tmp_path, caplog):
+    """What users expect (TRL does the same): EOS pads (padding is masked), with a warning."""
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "no_pad"
+    shutil.copytree(tiny_lm_dir, model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(model_dir)
+    assert AutoTokenizer.from_pretrained(model_dir).pad_token is None
+    with caplog.at_level(logging.WARNING, logger="mallowspo"):
+        code, _, err = run_cli("train", "--config", make_recipe(model_name_or_path=str(model_dir)))
+    assert code == 0, err
+    assert "the tokenizer has no pad token: using its EOS token '<|end|>' as the pad token" in caplog.text
+
+
+def test_debug_flag_and_environment_show_the_traceback(make_recipe, mallowspo_cache, isolated_hf_datasets_cache,
+                                                       monkeypatch):
+    recipe = str(make_recipe())
+    for argv in (["--debug", "train", "--config", recipe, "--beta", "0"],
+                 ["train", "--config", recipe, "--beta", "0", "--debug"]):
+        with pytest.raises(ValueError, match="beta must be > 0"):
+            main(argv)
+    monkeypatch.setenv("MALLOWSPO_DEBUG", "1")
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        main(["train", "--config", recipe, "--beta", "0"])
+
+
+def test_transformers_own_debug_option_still_reaches_training_arguments():
+    from mallowspo.cli.main import take_debug_flag
+
+    assert take_debug_flag(["train", "--debug", "underflow_overflow", "--beta", "0.1"]) == (
+        ["train", "--debug", "underflow_overflow", "--beta", "0.1"], False)
+    assert take_debug_flag(["--debug", "train", "--debug"]) == (["train"], True)
+
+
+def test_an_error_while_training_is_a_bug_and_keeps_its_traceback(make_recipe, run_cli, monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise ValueError("a bug in the loss")
+
+    monkeypatch.setattr(MallowsPOTrainer, "compute_loss", broken)
+    with pytest.raises(ValueError, match="a bug in the loss"):
+        run_cli("train", "--config", make_recipe())
+
+
+def test_ctrl_c_is_one_line_with_the_way_to_resume(make_recipe, run_cli, monkeypatch):
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MallowsPOTrainer, "compute_loss", interrupted)
+    code, _, err = run_cli("train", "--config", make_recipe())
+    assert code == 130 and "Traceback" not in err
+    assert last_line(err) == "error: interrupted (a training run resumes from its last checkpoint: --resume_from_checkpoint last)"
+
+
+def test_real_process_prints_one_line_and_exits_2(make_recipe, tmp_path):
+    """The installed `mallowspo` command, as a user runs it: no traceback, exit code 2."""
+    command = Path(sys.executable).with_name("mallowspo")
+    env = {**os.environ, "MALLOWSPO_CACHE": str(tmp_path / "cache"), "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    env.pop("MALLOWSPO_DEBUG", None)
+    result = subprocess.run(
+        [str(command), "train", "--config", str(make_recipe()), "--dataset_name", str(BAD / "null_field.jsonl")],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: Invalid preference data 'train' (") and "null_field.jsonl" in last
+    assert "non_string_field (1 row; e.g. row 1: 'chosen' is null" in last
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "/no/such/model"], "Model not found: there is no directory at '/no/such/model'"),
+    (["--dataset", str(BAD / "truncated_line.jsonl")], "truncated_line.jsonl: line 3 is not valid JSON"),
+])
+def test_dispersion_command_errors_are_one_line_too(argv, message, run_cli, tiny_lm_dir, tiny_prefs_path, tmp_path,
+                                                    no_model_loading):
+    defaults = {"--model": str(tiny_lm_dir), "--dataset": str(tiny_prefs_path), "--out": str(tmp_path / "d")}
+    defaults.update(dict(zip(argv[::2], argv[1::2])))
+    code, _, err = run_cli("dispersion", *[x for pair in defaults.items() for x in pair])
+    assert code == 2 and message in last_line(err)
