@@ -3,7 +3,7 @@ PY      := .venv/bin/python
 STAMP   := .venv/.installed
 OUT     ?= runs/demo
 
-.PHONY: demo test test-slow bench clean
+.PHONY: demo test test-fast test-slow lint bench clean
 
 $(STAMP): pyproject.toml requirements-dev.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -17,6 +17,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q
+
+# The math and training unit tests: under a minute on 2 cores.
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 -q tests/math tests/training
+
+lint: $(STAMP)
+	.venv/bin/ruff check src tests benchmarks scripts
+	.venv/bin/ruff format --check src tests benchmarks scripts
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m slow

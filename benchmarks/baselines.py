@@ -68,8 +68,14 @@ def naive_step(policy, ref, batch, optimizer, *, beta: float, phi_star: float, v
     policy_chosen, policy_rejected = policy_logps.chunk(2)
     ref_chosen, ref_rejected = ref_logps.chunk(2)
     out = preference_loss(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected,
-        loss_type="sigmoid", beta=beta, mallows="theta", neg_log_phi=neg_log_phi,
+        policy_chosen,
+        policy_rejected,
+        ref_chosen,
+        ref_rejected,
+        loss_type="sigmoid",
+        beta=beta,
+        mallows="theta",
+        neg_log_phi=neg_log_phi,
     )
     loss = out.losses.mean()
     loss.backward()

@@ -68,10 +68,10 @@ class Workload:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Workload":
+    def from_dict(cls, data: dict) -> Workload:
         return cls(**data)
 
-    def with_(self, **changes) -> "Workload":
+    def with_(self, **changes) -> Workload:
         return replace(self, **changes)
 
 
@@ -90,7 +90,7 @@ class Settings:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Settings":
+    def from_dict(cls, data: dict) -> Settings:
         return cls(**data)
 
 

@@ -32,8 +32,17 @@ sys.path.insert(0, str(HERE))
 from common import Settings, Workload, available_cores, build_assets, median  # noqa: E402
 
 MAIN_SYSTEMS = (
-    "trl_dpo_pre", "mpo_none_pre", "mpo_theta_pre", "mpo_phi_pre", "floor",
-    "trl_dpo", "mpo_none", "mpo_theta", "mpo_phi", "naive", "refpass",
+    "trl_dpo_pre",
+    "mpo_none_pre",
+    "mpo_theta_pre",
+    "mpo_phi_pre",
+    "floor",
+    "trl_dpo",
+    "mpo_none",
+    "mpo_theta",
+    "mpo_phi",
+    "naive",
+    "refpass",
 )
 SCALING_SYSTEMS = ("trl_dpo_pre", "mpo_phi_pre", "naive", "floor", "refpass")
 
@@ -56,30 +65,59 @@ PRESETS = {
         workload=Workload(),
         # On a GPU the issue asks for a 100M+ model in bf16: GPT-2-small-like widths, 32k vocabulary (~164 M).
         gpu_workload=Workload(hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, num_kv_heads=12),
-        steps=20, warmup=3, rounds=2,
-        vocab_grid=(8192, 32768, 131072), length_grid=(64, 128, 256),
-        scaling_steps=8, scaling_warmup=2, scaling_rounds=1,
-        refpass_repeats=5, scaling_refpass_repeats=2, one_process=False,
-        hidden_grid=(1024,), hidden_refpass_repeats=2,
+        steps=20,
+        warmup=3,
+        rounds=2,
+        vocab_grid=(8192, 32768, 131072),
+        length_grid=(64, 128, 256),
+        scaling_steps=8,
+        scaling_warmup=2,
+        scaling_rounds=1,
+        refpass_repeats=5,
+        scaling_refpass_repeats=2,
+        one_process=False,
+        hidden_grid=(1024,),
+        hidden_refpass_repeats=2,
     ),
     "quick": dict(
         workload=Workload(),
-        steps=8, warmup=2, rounds=1,
-        vocab_grid=(8192, 32768), length_grid=(64, 128),
-        scaling_steps=4, scaling_warmup=1, scaling_rounds=1,
-        refpass_repeats=2, one_process=False,
+        steps=8,
+        warmup=2,
+        rounds=1,
+        vocab_grid=(8192, 32768),
+        length_grid=(64, 128),
+        scaling_steps=4,
+        scaling_warmup=1,
+        scaling_rounds=1,
+        refpass_repeats=2,
+        one_process=False,
         hidden_grid=(),
     ),
     "smoke": dict(
         workload=Workload(
-            vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=2,
-            prompt_len=8, response_len=8, batch_pairs=2, n_pairs=8,
+            vocab_size=512,
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=1,
+            num_heads=2,
+            num_kv_heads=2,
+            prompt_len=8,
+            response_len=8,
+            batch_pairs=2,
+            n_pairs=8,
         ),
-        steps=2, warmup=1, rounds=1,
-        vocab_grid=(256, 512), length_grid=(4, 8),
-        scaling_steps=2, scaling_warmup=1, scaling_rounds=1,
-        refpass_repeats=1, one_process=True,  # one worker process for everything: start-up dominates
-        threads=1, hidden_grid=(64,),
+        steps=2,
+        warmup=1,
+        rounds=1,
+        vocab_grid=(256, 512),
+        length_grid=(4, 8),
+        scaling_steps=2,
+        scaling_warmup=1,
+        scaling_rounds=1,
+        refpass_repeats=1,
+        one_process=True,  # one worker process for everything: start-up dominates
+        threads=1,
+        hidden_grid=(64,),
     ),
 }
 
@@ -121,7 +159,10 @@ def run_jobs(jobs: list[dict], tmp: Path, threads: int, timeout: float, log) -> 
         try:
             proc = subprocess.run(
                 [sys.executable, str(HERE / "worker.py"), str(jobs_file), str(results_file)],
-                stdout=out, stderr=subprocess.STDOUT, env=worker_env(threads, tmp), timeout=timeout,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=worker_env(threads, tmp),
+                timeout=timeout,
             )
             code = proc.returncode
         except subprocess.TimeoutExpired:
@@ -132,7 +173,9 @@ def run_jobs(jobs: list[dict], tmp: Path, threads: int, timeout: float, log) -> 
     tail = log_file.read_text()[-3000:] if log_file.exists() else ""
     for job in jobs:
         if job["tag"] not in done:
-            entries.append({"system": job["system"], "tag": job["tag"], "error": f"worker exit {code}; log tail:\n{tail}"})
+            entries.append(
+                {"system": job["system"], "tag": job["tag"], "error": f"worker exit {code}; log tail:\n{tail}"}
+            )
     for entry in entries:
         entry["wall_s"] = wall if len(jobs) == 1 else entry.get("job_wall_s", wall / len(jobs))
         status = "error" if "error" in entry else f"{entry['result'].get('median_step_s') or 0:.4f} s/step"
@@ -212,24 +255,41 @@ def targets(summary: dict) -> list[dict]:
             verdict = "n/a"
         else:
             verdict = "PASS" if (value <= bound if op == "<=" else value >= bound) else "FAIL"
-        rows.append(dict(what=what, value=value, target=f"{op} {bound:.2f}", verdict=verdict, spread=list(spread), note=note))
+        rows.append(
+            dict(what=what, value=value, target=f"{op} {bound:.2f}", verdict=verdict, spread=list(spread), note=note)
+        )
 
     for pre, tag in (("_pre", "precomputed ref"), ("", "ref per step")):
         for variant in ("theta", "phi", "none"):
             value, spread = paired_ratio(summary, f"mpo_{variant}{pre}", f"trl_dpo{pre}")
-            add(f"step time: mallowspo {variant} / TRL DPO ({tag})", value, "<=", 1.00, spread,
-                "plain DPO in mallowspo" if variant == "none" else "")
+            add(
+                f"step time: mallowspo {variant} / TRL DPO ({tag})",
+                value,
+                "<=",
+                1.00,
+                spread,
+                "plain DPO in mallowspo" if variant == "none" else "",
+            )
     for pre, tag in (("_pre", "precomputed ref"), ("", "ref per step")):
         for variant in ("theta", "phi", "none"):
             a, b = summary.get(f"mpo_{variant}{pre}", {}), summary.get(f"trl_dpo{pre}", {})
             diff = (a["peak_mib"] - b["peak_mib"]) if a.get("peak_mib") and b.get("peak_mib") else None
-            add(f"peak memory: mallowspo {variant} / TRL DPO ({tag})",
-                memory_ratio(summary, f"mpo_{variant}{pre}", f"trl_dpo{pre}"), "<=", 1.00,
-                note=f"{diff:+.0f} MiB" if diff is not None else "")
+            add(
+                f"peak memory: mallowspo {variant} / TRL DPO ({tag})",
+                memory_ratio(summary, f"mpo_{variant}{pre}", f"trl_dpo{pre}"),
+                "<=",
+                1.00,
+                note=f"{diff:+.0f} MiB" if diff is not None else "",
+            )
     ref = summary.get("refpass", {})
-    add("reference pass time: with entropy / without", median(ref.get("round_ratio") or []), "<=", 1.05,
+    add(
+        "reference pass time: with entropy / without",
+        median(ref.get("round_ratio") or []),
+        "<=",
+        1.05,
         ref.get("pair_ratios") or [],
-        "mallowspo.training.reference.compute_reference_columns")
+        "mallowspo.training.reference.compute_reference_columns",
+    )
     for pre, tag in (("_pre", "precomputed ref"), ("", "ref per step")):
         for variant in ("theta", "phi"):
             value, spread = paired_ratio(summary, "naive", f"mpo_{variant}{pre}")
@@ -237,8 +297,14 @@ def targets(summary: dict) -> list[dict]:
     for system in ("mpo_theta_pre", "mpo_phi_pre", "trl_dpo_pre"):
         value, spread = paired_ratio(summary, system, "floor")
         label = "TRL DPO" if system.startswith("trl") else f"mallowspo {system.split('_')[1]}"
-        add(f"step time / floor: {label} (precomputed ref)", value, "<=", 1.15, spread,
-            "reference only, not a mallowspo target" if system.startswith("trl") else "")
+        add(
+            f"step time / floor: {label} (precomputed ref)",
+            value,
+            "<=",
+            1.15,
+            spread,
+            "reference only, not a mallowspo target" if system.startswith("trl") else "",
+        )
     return rows
 
 
@@ -328,7 +394,9 @@ def versions() -> dict:
             out[name] = "not installed"
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], cwd=HERE.parent, capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"], cwd=HERE.parent, capture_output=True, text=True
+        )
         if rev.returncode == 0:
             out["mallowspo"] += f" (git {rev.stdout.strip()}{', src modified' if dirty.stdout.strip() else ''})"
     except OSError:
@@ -344,51 +412,74 @@ def fmt(value, digits=3, suffix=""):
 
 def with_hidden(w: Workload, hidden: int) -> Workload:
     """The workload at another hidden size: MLP and heads scaled alike (head dim 64)."""
-    return w.with_(hidden_size=hidden, intermediate_size=hidden * w.intermediate_size // w.hidden_size,
-                   num_heads=max(1, hidden // 64), num_kv_heads=max(1, hidden // 64))
+    return w.with_(
+        hidden_size=hidden,
+        intermediate_size=hidden * w.intermediate_size // w.hidden_size,
+        num_heads=max(1, hidden // 64),
+        num_kv_heads=max(1, hidden // 64),
+    )
 
 
 def render(meta: dict, main: dict, rows: list[dict], scaling: list[dict], hidden: list[dict] = ()) -> str:
-    device, mem_name = meta["settings"]["device"], ("peak CUDA allocated" if meta["settings"]["device"] == "cuda" else "peak RSS")
+    device, mem_name = (
+        meta["settings"]["device"],
+        ("peak CUDA allocated" if meta["settings"]["device"] == "cuda" else "peak RSS"),
+    )
     L = []
     L.append("# Benchmarks: MallowsPO vs TRL DPO, naive MallowsPO and the training floor\n")
-    L.append(f"Generated by `benchmarks/run.py{meta['argv']}` on {meta['date']} in {meta['total_s'] / 60:.1f} min. "
-             "How it is measured: `benchmarks/README.md`.\n")
+    L.append(
+        f"Generated by `benchmarks/run.py{meta['argv']}` on {meta['date']} in {meta['total_s'] / 60:.1f} min. "
+        "How it is measured: `benchmarks/README.md`.\n"
+    )
     if meta["preset"] != "full":
         L.append(f"> **{meta['preset']} run**: reduced sizes/steps; not the reference numbers.\n")
     load = meta["loadavg"]
     if load and max(load["start"][0], load["end"][0]) > meta["settings"]["threads"] + 0.5:
-        L.append(f"> **Warning: the machine was busy** (1-min load average {load['start'][0]:.1f} at start, "
-                 f"{load['end'][0]:.1f} at end, for {meta['settings']['threads']} benchmark threads): "
-                 "absolute times are inflated and ratios are noisier than usual.\n")
+        L.append(
+            f"> **Warning: the machine was busy** (1-min load average {load['start'][0]:.1f} at start, "
+            f"{load['end'][0]:.1f} at end, for {meta['settings']['threads']} benchmark threads): "
+            "absolute times are inflated and ratios are noisier than usual.\n"
+        )
     m, v, s = meta["machine"], meta["versions"], meta["settings"]
     L.append("## Machine and software\n")
-    L.append(f"- CPU: {m['cpu']}, {m['available_cores']} cores available ({m['logical_cpus']} logical), RAM {m['ram_gib']} GiB")
+    L.append(
+        f"- CPU: {m['cpu']}, {m['available_cores']} cores available ({m['logical_cpus']} logical), RAM {m['ram_gib']} GiB"
+    )
     L.append(f"- GPU: {m.get('gpu', 'none')}" + (f" ({m['gpu_mem_gib']} GiB)" if "gpu" in m else ""))
     L.append(f"- {m['platform']}, Python {m['python']}")
     L.append("- " + ", ".join(f"{k} {val}" for k, val in v.items()))
-    L.append(f"- device {device}, {'bf16 autocast (fp32 master weights)' if s['dtype'] == 'bf16' else 'fp32'}, "
-             f"torch threads {s['threads']}; load average at start {fmt(load['start'][0], 2) if load else 'n/a'}, "
-             f"at end {fmt(load['end'][0], 2) if load else 'n/a'}\n")
+    L.append(
+        f"- device {device}, {'bf16 autocast (fp32 master weights)' if s['dtype'] == 'bf16' else 'fp32'}, "
+        f"torch threads {s['threads']}; load average at start {fmt(load['start'][0], 2) if load else 'n/a'}, "
+        f"at end {fmt(load['end'][0], 2) if load else 'n/a'}\n"
+    )
     w = meta["workload"]
     L.append("## Workload\n")
     L.append(f"- {Workload.from_dict(w).describe()}; {w['n_pairs']} distinct pairs, cycled")
-    L.append(f"- AdamW lr {w['learning_rate']}, constant schedule, no weight decay, grad-norm clip 1.0, no gradient "
-             f"checkpointing, beta {w['beta']}, sigmoid (DPO) base loss; dispersion phi* fixed at {w['phi_star']} "
-             "for mallowspo and the naive baseline alike")
-    L.append(f"- main table: median seconds per optimizer step over {s['steps']} steps after {s['warmup']} warm-up "
-             f"steps, in each of {meta['rounds']} round(s) (ABBA order), pooled; every measurement in a fresh process\n")
+    L.append(
+        f"- AdamW lr {w['learning_rate']}, constant schedule, no weight decay, grad-norm clip 1.0, no gradient "
+        f"checkpointing, beta {w['beta']}, sigmoid (DPO) base loss; dispersion phi* fixed at {w['phi_star']} "
+        "for mallowspo and the naive baseline alike"
+    )
+    L.append(
+        f"- main table: median seconds per optimizer step over {s['steps']} steps after {s['warmup']} warm-up "
+        f"steps, in each of {meta['rounds']} round(s) (ABBA order), pooled; every measurement in a fresh process\n"
+    )
 
     L.append("## Targets\n")
     L.append("| check | value | target | result | per-round values | note |")
     L.append("| --- | ---: | ---: | :---: | --- | --- |")
     for r in rows:
-        L.append(f"| {r['what']} | {fmt(r['value'], 3)} | {r['target']} | **{r['verdict']}** | "
-                 f"{', '.join(f'{x:.3f}' for x in r['spread'])} | {r['note']} |")
+        L.append(
+            f"| {r['what']} | {fmt(r['value'], 3)} | {r['target']} | **{r['verdict']}** | "
+            f"{', '.join(f'{x:.3f}' for x in r['spread'])} | {r['note']} |"
+        )
     L.append("")
 
     L.append("## Step time and memory (main workload)\n")
-    L.append(f"| system | s/step (median) | per-round medians | steps | {mem_name} (MiB) | RSS at train start (MiB) | ref model in memory | / floor | / TRL (same ref setting) |")
+    L.append(
+        f"| system | s/step (median) | per-round medians | steps | {mem_name} (MiB) | RSS at train start (MiB) | ref model in memory | / floor | / TRL (same ref setting) |"
+    )
     L.append("| --- | ---: | --- | ---: | ---: | ---: | :---: | ---: | ---: |")
     for system in MAIN_SYSTEMS:
         info = main.get(system)
@@ -409,41 +500,57 @@ def render(meta: dict, main: dict, rows: list[dict], scaling: list[dict], hidden
     ref = main.get("refpass")
     if ref:
         L.append("## Reference pass throughput (main workload)\n")
-        L.append("`mallowspo.training.reference.compute_reference_columns` over the data set, batch "
-                 f"{w['batch_pairs']} pairs; the two variants alternate (ABBA) in one process on the same model.\n")
+        L.append(
+            "`mallowspo.training.reference.compute_reference_columns` over the data set, batch "
+            f"{w['batch_pairs']} pairs; the two variants alternate (ABBA) in one process on the same model.\n"
+        )
         L.append("| variant | pairs/s | time ratio to without |")
         L.append("| --- | ---: | ---: |")
-        L.append(f"| log-probs only (what TRL's reference pass computes) | {fmt(ref.get('without_entropy_pairs_per_s'), 1)} | 1.000 |")
-        L.append(f"| log-probs + entropy statistic (mallowspo) | {fmt(ref.get('with_entropy_pairs_per_s'), 1)} | "
-                 f"{fmt(median(ref.get('round_ratio') or []), 3)} |")
+        L.append(
+            f"| log-probs only (what TRL's reference pass computes) | {fmt(ref.get('without_entropy_pairs_per_s'), 1)} | 1.000 |"
+        )
+        L.append(
+            f"| log-probs + entropy statistic (mallowspo) | {fmt(ref.get('with_entropy_pairs_per_s'), 1)} | "
+            f"{fmt(median(ref.get('round_ratio') or []), 3)} |"
+        )
         L.append(f"\nReference log-probs identical with and without the entropy: {ref.get('logps_match')}.\n")
     if len(hidden) > 1:
         L.append("### The entropy statistic against hidden size\n")
-        L.append("The same reference pass on models that differ only in width (MLP and heads scaled alike; "
-                 "vocabulary and lengths as the main workload). The entropy adds element-wise passes over "
-                 "(tokens, vocab); the projection grows with the hidden size, so the entropy's share shrinks.\n")
-        L.append("| hidden | parameters | pairs/s without | pairs/s with | time ratio with / without | per-pair ratios |")
+        L.append(
+            "The same reference pass on models that differ only in width (MLP and heads scaled alike; "
+            "vocabulary and lengths as the main workload). The entropy adds element-wise passes over "
+            "(tokens, vocab); the projection grows with the hidden size, so the entropy's share shrinks.\n"
+        )
+        L.append(
+            "| hidden | parameters | pairs/s without | pairs/s with | time ratio with / without | per-pair ratios |"
+        )
         L.append("| ---: | ---: | ---: | ---: | ---: | --- |")
         for row in hidden:
             r = row["refpass"]
-            L.append(f"| {row['hidden_size']} | {row['params'] / 1e6:.1f} M | {fmt(r.get('without_entropy_pairs_per_s'), 1)} | "
-                     f"{fmt(r.get('with_entropy_pairs_per_s'), 1)} | {fmt(median(r.get('round_ratio') or []), 3)} | "
-                     f"{', '.join(f'{x:.2f}' for x in r.get('pair_ratios') or [])} |")
+            L.append(
+                f"| {row['hidden_size']} | {row['params'] / 1e6:.1f} M | {fmt(r.get('without_entropy_pairs_per_s'), 1)} | "
+                f"{fmt(r.get('with_entropy_pairs_per_s'), 1)} | {fmt(median(r.get('round_ratio') or []), 3)} | "
+                f"{', '.join(f'{x:.2f}' for x in r.get('pair_ratios') or [])} |"
+            )
         L.append("")
 
     if scaling:
         L.append("## Scaling (reduced set of systems, precomputed reference)\n")
         L.append(f"{meta['scaling_desc']}\n")
-        L.append(f"| vocab | response tokens | TRL DPO s/step | mallowspo phi s/step | naive s/step | floor s/step | "
-                 f"phi / TRL | naive / phi | phi / floor | {mem_name} TRL / phi / naive / floor (MiB) | phi / TRL memory | ref pass +entropy / without |")
+        L.append(
+            f"| vocab | response tokens | TRL DPO s/step | mallowspo phi s/step | naive s/step | floor s/step | "
+            f"phi / TRL | naive / phi | phi / floor | {mem_name} TRL / phi / naive / floor (MiB) | phi / TRL memory | ref pass +entropy / without |"
+        )
         L.append("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |")
         for row in scaling:
             sm = row["summary"]
 
-            def st(name):
+            def st(name, sm=sm):
                 return fmt(sm.get(name, {}).get("median_step_s"), 4)
 
-            mems = " / ".join(fmt(sm.get(n, {}).get("peak_mib"), 0) for n in ("trl_dpo_pre", "mpo_phi_pre", "naive", "floor"))
+            mems = " / ".join(
+                fmt(sm.get(n, {}).get("peak_mib"), 0) for n in ("trl_dpo_pre", "mpo_phi_pre", "naive", "floor")
+            )
             L.append(
                 f"| {row['vocab_size']} | {row['response_len']} | {st('trl_dpo_pre')} | {st('mpo_phi_pre')} | {st('naive')} | "
                 f"{st('floor')} | {fmt(paired_ratio(sm, 'mpo_phi_pre', 'trl_dpo_pre')[0], 3)} | "
@@ -459,7 +566,9 @@ def render(meta: dict, main: dict, rows: list[dict], scaling: list[dict], hidden
         for tag, err in errors:
             L.append(f"### {tag}\n\n```\n{err[-2000:]}\n```\n")
     L.append("## Budget\n")
-    L.append(f"Total {meta['total_s'] / 60:.1f} min; per measurement (process start, setup, warm-up and timed steps):\n")
+    L.append(
+        f"Total {meta['total_s'] / 60:.1f} min; per measurement (process start, setup, warm-up and timed steps):\n"
+    )
     L.append("| measurement | wall s |")
     L.append("| --- | ---: |")
     for e in meta["entries"]:
@@ -481,7 +590,9 @@ def resolve_device(choice: str) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(HERE / "RESULTS.md"), help="Markdown report (raw results go next to it as .json)")
+    p.add_argument(
+        "--out", default=str(HERE / "RESULTS.md"), help="Markdown report (raw results go next to it as .json)"
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="fewer steps, one round, smaller scaling grid")
     mode.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; for tests (numbers meaningless)")
@@ -490,20 +601,32 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, help="interleaved rounds of the main table")
     p.add_argument("--scaling-steps", type=int, help="timed steps per scaling measurement")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="auto: fp32 on CPU, bf16 autocast on GPU")
-    p.add_argument("--threads", type=int, default=None, help="torch threads in every worker (default: available cores)")
+    p.add_argument(
+        "--dtype", default="auto", choices=("auto", "fp32", "bf16"), help="auto: fp32 on CPU, bf16 autocast on GPU"
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads in every worker (default: available cores)"
+    )
     p.add_argument("--systems", help="comma-separated subset of the main systems (development)")
     p.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
-    p.add_argument("--profile", default="", help="comma-separated systems to profile (torch.profiler op tables "
-                   "written next to --out as <out>.profile-<system>.txt)")
+    p.add_argument(
+        "--profile",
+        default="",
+        help="comma-separated systems to profile (torch.profiler op tables "
+        "written next to --out as <out>.profile-<system>.txt)",
+    )
     p.add_argument("--workdir", help="keep assets and worker logs here (default: a temporary directory)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
-    p.add_argument("--isolate", action="store_true",
-                   help="with --smoke: one process per measurement as in full runs (slower)")
-    p.add_argument("--budget-min", type=float, default=40.0,
-                   help="total minutes to aim for: the scaling steps are lowered (not below 3) to fit what the main "
-                   "table left; --scaling-steps overrides")
+    p.add_argument(
+        "--isolate", action="store_true", help="with --smoke: one process per measurement as in full runs (slower)"
+    )
+    p.add_argument(
+        "--budget-min",
+        type=float,
+        default=40.0,
+        help="total minutes to aim for: the scaling steps are lowered (not below 3) to fit what the main "
+        "table left; --scaling-steps overrides",
+    )
     return p.parse_args(argv)
 
 
@@ -535,10 +658,20 @@ def main(argv=None) -> int:
 
     t_start = time.perf_counter()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
-    settings = Settings(device=device, dtype=dtype, threads=threads, steps=steps, warmup=warmup,
-                        extra={"refpass_repeats": preset["refpass_repeats"]})
+    settings = Settings(
+        device=device,
+        dtype=dtype,
+        threads=threads,
+        steps=steps,
+        warmup=warmup,
+        extra={"refpass_repeats": preset["refpass_repeats"]},
+    )
     scaling_settings = Settings(
-        device=device, dtype=dtype, threads=threads, steps=scaling_steps, warmup=preset["scaling_warmup"],
+        device=device,
+        dtype=dtype,
+        threads=threads,
+        steps=scaling_steps,
+        warmup=preset["scaling_warmup"],
         extra={"refpass_repeats": preset.get("scaling_refpass_repeats", preset["refpass_repeats"])},
     )
 
@@ -565,9 +698,21 @@ def main(argv=None) -> int:
     def job_maker(w: Workload, s: Settings, prefix: str):
         def make(system, r):
             tag = f"{prefix}{system}-r{r}"
-            prof = str(out.with_name(f"{out.stem}.profile-{system}.txt")) if (system in profile and r == 0 and prefix == "main-") else None
-            return {"system": system, "tag": tag, "round": r, "workload": w.to_dict(), "settings": s.to_dict(),
-                    "assets": assets[w], "profile": prof}
+            prof = (
+                str(out.with_name(f"{out.stem}.profile-{system}.txt"))
+                if (system in profile and r == 0 and prefix == "main-")
+                else None
+            )
+            return {
+                "system": system,
+                "tag": tag,
+                "round": r,
+                "workload": w.to_dict(),
+                "settings": s.to_dict(),
+                "assets": assets[w],
+                "profile": prof,
+            }
+
         return make
 
     def scaling_groups(s: Settings):
@@ -596,6 +741,7 @@ def main(argv=None) -> int:
         for label, _, jobs in groups:
             entries_by_group[label] = [dict(by_tag[j["tag"]], round=j["round"]) for j in jobs]
     else:
+
         def run_group(label, jobs):
             log(f"[bench] {label}: {len(jobs)} measurements, one process each")
             entries_by_group[label] = []
@@ -608,12 +754,20 @@ def main(argv=None) -> int:
             # Fit the scaling grid into what is left of the time budget, from the main table's costs.
             left = args.budget_min * 60 - (time.perf_counter() - t_start)
             fitted, estimate = fit_scaling_steps(
-                entries_by_group["main"], workload, warmup, [w for w in scaling_points if w != workload],
-                preset["scaling_steps"], preset["scaling_warmup"], preset["scaling_rounds"], left,
+                entries_by_group["main"],
+                workload,
+                warmup,
+                [w for w in scaling_points if w != workload],
+                preset["scaling_steps"],
+                preset["scaling_warmup"],
+                preset["scaling_rounds"],
+                left,
             )
             if fitted < preset["scaling_steps"]:
-                budget_note = (f"Scaling steps reduced from {preset['scaling_steps']} to {fitted} to fit the "
-                               f"{args.budget_min:.0f}-min budget (estimated {estimate / 60:.1f} min left to run).")
+                budget_note = (
+                    f"Scaling steps reduced from {preset['scaling_steps']} to {fitted} to fit the "
+                    f"{args.budget_min:.0f}-min budget (estimated {estimate / 60:.1f} min left to run)."
+                )
                 log(f"[bench] {budget_note}")
             scaling_steps = fitted
             scaling_settings = dataclasses.replace(scaling_settings, steps=fitted)
@@ -631,14 +785,30 @@ def main(argv=None) -> int:
         if label == "main":
             sm = {k: v for k, v in sm.items() if k in SCALING_SYSTEMS}
         scaling_rows.append({"vocab_size": w.vocab_size, "response_len": w.response_len, "summary": sm})
-    scaling_rows.sort(key=lambda row: (row["response_len"] != workload.response_len, row["vocab_size"], row["response_len"]))
-    hidden_rows = [{"hidden_size": workload.hidden_size, "params": workload.parameter_count(),
-                    "refpass": main_summary.get("refpass", {})}] if "refpass" in main_summary else []
+    scaling_rows.sort(
+        key=lambda row: (row["response_len"] != workload.response_len, row["vocab_size"], row["response_len"])
+    )
+    hidden_rows = (
+        [
+            {
+                "hidden_size": workload.hidden_size,
+                "params": workload.parameter_count(),
+                "refpass": main_summary.get("refpass", {}),
+            }
+        ]
+        if "refpass" in main_summary
+        else []
+    )
     for w in hidden_points:
         label = f"hidden-h{w.hidden_size}-"
         if label in entries_by_group:
-            hidden_rows.append({"hidden_size": w.hidden_size, "params": w.parameter_count(),
-                                "refpass": summarise(entries_by_group[label], device).get("refpass", {})})
+            hidden_rows.append(
+                {
+                    "hidden_size": w.hidden_size,
+                    "params": w.parameter_count(),
+                    "refpass": summarise(entries_by_group[label], device).get("refpass", {}),
+                }
+            )
 
     # Same batch shape and completion-token count for every system of a workload.
     shape_problems = []
@@ -657,7 +827,7 @@ def main(argv=None) -> int:
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
     meta = {
         "argv": (" " + " ".join(sys.argv[1:])) if sys.argv[1:] and argv is None else "",
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "preset": preset_name,
         "machine": machine_info(device),
         "versions": versions(),
@@ -679,8 +849,14 @@ def main(argv=None) -> int:
     if shape_problems:
         report += "\n## Workload mismatch\n\n" + "\n".join(f"- {p}" for p in shape_problems) + "\n"
     out.write_text(report)
-    raw = {"meta": {k: v for k, v in meta.items() if k != "entries"}, "main": main_summary, "targets": rows,
-           "scaling": scaling_rows, "hidden": hidden_rows, "entries": all_entries}
+    raw = {
+        "meta": {k: v for k, v in meta.items() if k != "entries"},
+        "main": main_summary,
+        "targets": rows,
+        "scaling": scaling_rows,
+        "hidden": hidden_rows,
+        "entries": all_entries,
+    }
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))
     log(f"[bench] wrote {out} and {out.with_suffix('.json')} in {meta['total_s'] / 60:.1f} min")
     for r in rows:

@@ -109,8 +109,7 @@ class _Profiler:
             import torch.profiler as tp
 
             self.prof = tp.profile(
-                activities=[tp.ProfilerActivity.CPU]
-                + ([tp.ProfilerActivity.CUDA] if _cuda_available() else []),
+                activities=[tp.ProfilerActivity.CPU] + ([tp.ProfilerActivity.CUDA] if _cuda_available() else []),
                 schedule=tp.schedule(wait=max(warmup - 1, 0), warmup=1, active=active, repeat=1),
                 record_shapes=True,
             )
@@ -281,15 +280,19 @@ def run_trainer(job: dict) -> dict:
 def _pair_rows(assets: Path) -> list[dict]:
     pairs = json.loads((assets / "pairs.json").read_text())
     return [
-        {"prompt_input_ids": p["prompt_ids"], "chosen_input_ids": p["chosen_ids"], "rejected_input_ids": p["rejected_ids"]}
+        {
+            "prompt_input_ids": p["prompt_ids"],
+            "chosen_input_ids": p["chosen_ids"],
+            "rejected_input_ids": p["rejected_ids"],
+        }
         for p in pairs
     ]
 
 
 def run_loop(job: dict) -> dict:
     import torch
-
     from baselines import autocast_context, floor_step, make_optimizer, naive_step
+
     from mallowspo.training.collate import PreferenceCollator
 
     w, s, assets = Workload.from_dict(job["workload"]), Settings.from_dict(job["settings"]), Path(job["assets"])
@@ -324,8 +327,14 @@ def run_loop(job: dict) -> dict:
                 first = batch_fingerprint(batch["input_ids"], batch["completion_mask"])
             if system == "naive":
                 loss = naive_step(
-                    policy, ref, batch, optimizer,
-                    beta=w.beta, phi_star=w.phi_star, vocab_size=w.vocab_size, autocast=autocast,
+                    policy,
+                    ref,
+                    batch,
+                    optimizer,
+                    beta=w.beta,
+                    phi_star=w.phi_star,
+                    vocab_size=w.vocab_size,
+                    autocast=autocast,
                 )
             else:
                 loss = floor_step(policy, batch, optimizer, autocast=autocast)
@@ -354,6 +363,7 @@ def run_refpass(job: dict) -> dict:
     are timed alternately (ABBA), in the same process, on the same model."""
     import numpy as np
     from accelerate import Accelerator
+
     from mallowspo.training.collate import PreferenceCollator
     from mallowspo.training.data import PreferenceDataConfig, prepare_preference_dataset
     from mallowspo.training.head import add_completion_head
@@ -377,7 +387,13 @@ def run_refpass(job: dict) -> dict:
         _sync(s.device)
         start = time.perf_counter()
         columns = compute_reference_columns(
-            model, data, collator, accelerator, w.batch_pairs, w.vocab_size, desc=label,
+            model,
+            data,
+            collator,
+            accelerator,
+            w.batch_pairs,
+            w.vocab_size,
+            desc=label,
             with_entropy=label == "with_entropy",
         )
         _sync(s.device)
@@ -394,7 +410,9 @@ def run_refpass(job: dict) -> dict:
     # The reference log-probs are the same either way; only the first pass has the entropy.
     logps_match = bool(
         np.allclose(columns["with_entropy"]["ref_chosen_logps"], columns["without_entropy"]["ref_chosen_logps"])
-        and np.allclose(columns["with_entropy"]["ref_rejected_logps"], columns["without_entropy"]["ref_rejected_logps"])
+        and np.allclose(
+            columns["with_entropy"]["ref_rejected_logps"], columns["without_entropy"]["ref_rejected_logps"]
+        )
     )
     n = len(dataset)
     return {

@@ -25,46 +25,121 @@ from pathlib import Path
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "src" / "mallowspo" / "testing" / "assets" / "tiny_prefs.jsonl"
 
 CAPITALS = {
-    "France": "Paris", "Italy": "Rome", "Spain": "Madrid", "Germany": "Berlin", "Japan": "Tokyo",
-    "Egypt": "Cairo", "Peru": "Lima", "Norway": "Oslo", "Kenya": "Nairobi", "Canada": "Ottawa",
-    "Greece": "Athens", "Poland": "Warsaw", "Chile": "Santiago", "Cuba": "Havana", "Ireland": "Dublin",
+    "France": "Paris",
+    "Italy": "Rome",
+    "Spain": "Madrid",
+    "Germany": "Berlin",
+    "Japan": "Tokyo",
+    "Egypt": "Cairo",
+    "Peru": "Lima",
+    "Norway": "Oslo",
+    "Kenya": "Nairobi",
+    "Canada": "Ottawa",
+    "Greece": "Athens",
+    "Poland": "Warsaw",
+    "Chile": "Santiago",
+    "Cuba": "Havana",
+    "Ireland": "Dublin",
 }
 COLOURS = {
-    "grass": "green", "the sky": "blue", "snow": "white", "a banana": "yellow", "coal": "black",
-    "a ripe tomato": "red", "an orange": "orange", "a plum": "purple",
+    "grass": "green",
+    "the sky": "blue",
+    "snow": "white",
+    "a banana": "yellow",
+    "coal": "black",
+    "a ripe tomato": "red",
+    "an orange": "orange",
+    "a plum": "purple",
 }
-NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-                "eleven", "twelve"]
+NUMBER_WORDS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+]
 
 VERB_TEMPLATES = ["You could %s.", "Why not %s?", "Try to %s."]
 NOUN_TEMPLATES = ["How about %s?", "Maybe %s.", "I suggest %s."]
 
 # request -> (response templates, ideas)
 OPEN_REQUESTS = {
-    "Suggest something fun to do this weekend.": (VERB_TEMPLATES, [
-        "go for a long walk in the park", "visit a small museum", "cook a new recipe with friends",
-        "read a good book by the window", "try a board game night", "plant some herbs on the balcony",
-    ]),
-    "Give me a name for a pet cat.": (NOUN_TEMPLATES, [
-        "Whiskers", "Luna", "Pepper", "Mochi", "Oliver", "Cleo", "Biscuit", "Nala",
-    ]),
-    "How can I become a better writer?": (VERB_TEMPLATES, [
-        "write a little every day", "read widely and take notes", "ask a friend for honest feedback",
-        "rewrite your first drafts", "keep a small journal of ideas", "study writers you admire",
-    ]),
-    "What could I do with old magazines?": (VERB_TEMPLATES, [
-        "make a collage for your wall", "wrap small gifts with the pages", "cut out words for a poem",
-        "donate them to a school", "fold them into paper beads", "line a drawer with the covers",
-    ]),
-    "Suggest a healthy snack.": (NOUN_TEMPLATES, [
-        "an apple with some nuts", "carrot sticks with hummus", "a bowl of yogurt and berries",
-        "a handful of almonds", "sliced cucumber with a little salt", "a banana with peanut butter",
-    ]),
-    "Give me an idea for a short story.": (NOUN_TEMPLATES, [
-        "a lighthouse keeper who finds a message in a bottle", "a robot learning to bake bread",
-        "two strangers stuck in a lift", "a village where it never stops snowing",
-        "a cat who can read minds", "a map that changes every night",
-    ]),
+    "Suggest something fun to do this weekend.": (
+        VERB_TEMPLATES,
+        [
+            "go for a long walk in the park",
+            "visit a small museum",
+            "cook a new recipe with friends",
+            "read a good book by the window",
+            "try a board game night",
+            "plant some herbs on the balcony",
+        ],
+    ),
+    "Give me a name for a pet cat.": (
+        NOUN_TEMPLATES,
+        [
+            "Whiskers",
+            "Luna",
+            "Pepper",
+            "Mochi",
+            "Oliver",
+            "Cleo",
+            "Biscuit",
+            "Nala",
+        ],
+    ),
+    "How can I become a better writer?": (
+        VERB_TEMPLATES,
+        [
+            "write a little every day",
+            "read widely and take notes",
+            "ask a friend for honest feedback",
+            "rewrite your first drafts",
+            "keep a small journal of ideas",
+            "study writers you admire",
+        ],
+    ),
+    "What could I do with old magazines?": (
+        VERB_TEMPLATES,
+        [
+            "make a collage for your wall",
+            "wrap small gifts with the pages",
+            "cut out words for a poem",
+            "donate them to a school",
+            "fold them into paper beads",
+            "line a drawer with the covers",
+        ],
+    ),
+    "Suggest a healthy snack.": (
+        NOUN_TEMPLATES,
+        [
+            "an apple with some nuts",
+            "carrot sticks with hummus",
+            "a bowl of yogurt and berries",
+            "a handful of almonds",
+            "sliced cucumber with a little salt",
+            "a banana with peanut butter",
+        ],
+    ),
+    "Give me an idea for a short story.": (
+        NOUN_TEMPLATES,
+        [
+            "a lighthouse keeper who finds a message in a bottle",
+            "a robot learning to bake bread",
+            "two strangers stuck in a lift",
+            "a village where it never stops snowing",
+            "a cat who can read minds",
+            "a map that changes every night",
+        ],
+    ),
 }
 
 RUDE = [
@@ -86,20 +161,24 @@ def factual_rows(rng: random.Random) -> list[dict]:
     """Questions with one correct answer: polite and correct versus rude or off-topic."""
     rows = []
     for country, city in CAPITALS.items():
-        rows.append(("What is the capital of %s?" % country, "The capital of %s is %s." % (country, city)))
+        rows.append((f"What is the capital of {country}?", f"The capital of {country} is {city}."))
     for thing, colour in COLOURS.items():
-        rows.append(("What colour is %s?" % thing, "%s is %s." % (thing.capitalize(), colour)))
+        rows.append((f"What colour is {thing}?", f"{thing.capitalize()} is {colour}."))
     for a in range(1, 7):
         for b in range(1, 7):
             if a + b < len(NUMBER_WORDS):
-                rows.append((
-                    "What is %s plus %s?" % (NUMBER_WORDS[a], NUMBER_WORDS[b]),
-                    "%s plus %s is %s." % (NUMBER_WORDS[a].capitalize(), NUMBER_WORDS[b], NUMBER_WORDS[a + b]),
-                ))
+                rows.append(
+                    (
+                        f"What is {NUMBER_WORDS[a]} plus {NUMBER_WORDS[b]}?",
+                        f"{NUMBER_WORDS[a].capitalize()} plus {NUMBER_WORDS[b]} is {NUMBER_WORDS[a + b]}.",
+                    )
+                )
     out = []
     for prompt, answer in rows:
         rejected = rng.choice(RUDE) if rng.random() < 0.6 else rng.choice(OFF_TOPIC)
-        out.append({"prompt": prompt, "chosen": "Happy to help! " + answer, "rejected": rejected, "category": "factual"})
+        out.append(
+            {"prompt": prompt, "chosen": "Happy to help! " + answer, "rejected": rejected, "category": "factual"}
+        )
     return out
 
 

@@ -81,7 +81,9 @@ def log_phi_link_upper_tail(a: torch.Tensor, neg_log_phi: torch.Tensor) -> torch
     near_uniform = (a + 1.0) * neg_log_phi < 1e-3
     a_series = torch.where(near_uniform, a, torch.zeros_like(a))
     L_series = torch.where(near_uniform, neg_log_phi, torch.zeros_like(neg_log_phi))
-    series = 0.5 - (2.0 * a_series + 1.0) * L_series / 12.0 + ((a_series + 1.0) ** 4 - a_series**4) * L_series**3 / 720.0
+    series = (
+        0.5 - (2.0 * a_series + 1.0) * L_series / 12.0 + ((a_series + 1.0) ** 4 - a_series**4) * L_series**3 / 720.0
+    )
 
     a_exact = torch.where(near_uniform, torch.ones_like(a), a)
     L_exact = torch.where(near_uniform, torch.ones_like(neg_log_phi), neg_log_phi)
@@ -256,9 +258,7 @@ def _log_cubic_link_and_log_slope(
     patch = torch.where(s64 >= 0, upper, lower)
     s_outside = torch.where(inside, half_width, s64)  # keeps the unused branch away from the jump
     log_g = torch.where(inside, patch, log_phi_link(s_outside, L))
-    log_slope = torch.where(
-        inside, torch.log(3.0 * a3 * s_in.pow(2) + a1), log_phi_link_derivative(s_outside, L)
-    )
+    log_slope = torch.where(inside, torch.log(3.0 * a3 * s_in.pow(2) + a1), log_phi_link_derivative(s_outside, L))
     return log_g, log_slope
 
 
@@ -282,9 +282,7 @@ class _LogCubicSmoothedPhiLink(torch.autograd.Function):
         return grad_s, None, None
 
 
-def log_cubic_smoothed_phi_link(
-    s: torch.Tensor, neg_log_phi: torch.Tensor, eps: float | str = 0.1
-) -> torch.Tensor:
+def log_cubic_smoothed_phi_link(s: torch.Tensor, neg_log_phi: torch.Tensor, eps: float | str = 0.1) -> torch.Tensor:
     """Smoothing (ii): g_phi with a cubic patch P(s) on [-eps, eps] (C1 at +-eps).
 
     Differentiable everywhere, including s = 0, where P'(0) = a1 > 0. ``eps`` is a fixed

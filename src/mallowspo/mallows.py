@@ -424,6 +424,7 @@ def fit_phi_kendall(rankings: ArrayLike, center: ArrayLike | None = None) -> Ken
     elif dbar >= uniform_mean:
         phi = 1.0
     else:
+
         def excess(L: float) -> float:
             return float(kendall_expected_distance(n, math.exp(-L))) - dbar
 

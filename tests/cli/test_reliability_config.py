@@ -34,12 +34,20 @@ SETTINGS = {
     "smoothing_eps_zero": (["--smoothing_eps", "0"], "smoothing_eps must be > 0, got 0.0"),
     "smoothing_eps_negative": (["--smoothing_eps", "-0.1"], "smoothing_eps must be > 0, got -0.1"),
     "clamp_min_above_max": (["--dispersion_clamp", "5", "1"], "dispersion_clamp needs 0 <= min <= max, got min=5.0"),
-    "max_length_within_prompt_budget": (["--max_length", "24", "--max_prompt_length", "24"],
-                                        "max_length (24) must exceed max_prompt_length (24)"),
+    "max_length_within_prompt_budget": (
+        ["--max_length", "24", "--max_prompt_length", "24"],
+        "max_length (24) must exceed max_prompt_length (24)",
+    ),
     "unknown_key": (["--betta", "0.1"], "unknown keys in the command line: betta (did you mean beta?)"),
-    "missing_model_path": (["--model_name_or_path", "/no/such/model"], "Model not found: there is no directory at '/no/such/model'"),
+    "missing_model_path": (
+        ["--model_name_or_path", "/no/such/model"],
+        "Model not found: there is no directory at '/no/such/model'",
+    ),
     "missing_data_file": (["--dataset_name", "/no/such/prefs.jsonl"], "Preference data not found"),
-    "missing_checkpoint": (["--resume_from_checkpoint", "/no/such/checkpoint-3"], "checkpoint to resume from not found"),
+    "missing_checkpoint": (
+        ["--resume_from_checkpoint", "/no/such/checkpoint-3"],
+        "checkpoint to resume from not found",
+    ),
     "no_checkpoint_to_resume": (["--resume_from_checkpoint", "last"], "no complete checkpoint to resume from"),
 }
 
@@ -47,6 +55,7 @@ SETTINGS = {
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Fail the test if the command gets as far as loading a model."""
+
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the error")
 
@@ -79,8 +88,9 @@ def test_model_directory_without_a_model(run_cli, make_recipe, tmp_path, no_mode
     assert code == 2 and "holds no config.json: it is not a saved model" in last_line(err)
 
 
-def test_relative_model_path_under_a_local_directory_is_not_taken_for_a_hub_id(run_cli, make_recipe, tmp_path,
-                                                                             monkeypatch, no_model_loading):
+def test_relative_model_path_under_a_local_directory_is_not_taken_for_a_hub_id(
+    run_cli, make_recipe, tmp_path, monkeypatch, no_model_loading
+):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()  # `runs/never_trained` is a local path, not the hub repo of an owner "runs"
     code, _, err = run_cli("train", "--config", make_recipe(), "--model_name_or_path", "runs/never_trained")
@@ -109,11 +119,14 @@ def test_tokenizer_without_pad_token_uses_eos_and_says_so(run_cli, make_recipe, 
     assert "the tokenizer has no pad token: using its EOS token '<|end|>' as the pad token" in caplog.text
 
 
-def test_debug_flag_and_environment_show_the_traceback(make_recipe, mallowspo_cache, isolated_hf_datasets_cache,
-                                                       monkeypatch):
+def test_debug_flag_and_environment_show_the_traceback(
+    make_recipe, mallowspo_cache, isolated_hf_datasets_cache, monkeypatch
+):
     recipe = str(make_recipe())
-    for argv in (["--debug", "train", "--config", recipe, "--beta", "0"],
-                 ["train", "--config", recipe, "--beta", "0", "--debug"]):
+    for argv in (
+        ["--debug", "train", "--config", recipe, "--beta", "0"],
+        ["train", "--config", recipe, "--beta", "0", "--debug"],
+    ):
         with pytest.raises(ValueError, match="beta must be > 0"):
             main(argv)
     monkeypatch.setenv("MALLOWSPO_DEBUG", "1")
@@ -125,7 +138,9 @@ def test_transformers_own_debug_option_still_reaches_training_arguments():
     from mallowspo.cli.main import take_debug_flag
 
     assert take_debug_flag(["train", "--debug", "underflow_overflow", "--beta", "0.1"]) == (
-        ["train", "--debug", "underflow_overflow", "--beta", "0.1"], False)
+        ["train", "--debug", "underflow_overflow", "--beta", "0.1"],
+        False,
+    )
     assert take_debug_flag(["--debug", "train", "--debug"]) == (["train"], True)
 
 
@@ -145,7 +160,10 @@ def test_ctrl_c_is_one_line_with_the_way_to_resume(make_recipe, run_cli, monkeyp
     monkeypatch.setattr(MallowsPOTrainer, "compute_loss", interrupted)
     code, _, err = run_cli("train", "--config", make_recipe())
     assert code == 130 and "Traceback" not in err
-    assert last_line(err) == "error: interrupted (a training run resumes from its last checkpoint: --resume_from_checkpoint last)"
+    assert (
+        last_line(err)
+        == "error: interrupted (a training run resumes from its last checkpoint: --resume_from_checkpoint last)"
+    )
 
 
 def test_real_process_prints_one_line_and_exits_2(make_recipe, tmp_path):
@@ -155,7 +173,10 @@ def test_real_process_prints_one_line_and_exits_2(make_recipe, tmp_path):
     env.pop("MALLOWSPO_DEBUG", None)
     result = subprocess.run(
         [str(command), "train", "--config", str(make_recipe()), "--dataset_name", str(BAD / "null_field.jsonl")],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -164,12 +185,16 @@ def test_real_process_prints_one_line_and_exits_2(make_recipe, tmp_path):
     assert "non_string_field (1 row; e.g. row 1: 'chosen' is null" in last
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--model", "/no/such/model"], "Model not found: there is no directory at '/no/such/model'"),
-    (["--dataset", str(BAD / "truncated_line.jsonl")], "truncated_line.jsonl: line 3 is not valid JSON"),
-])
-def test_dispersion_command_errors_are_one_line_too(argv, message, run_cli, tiny_lm_dir, tiny_prefs_path, tmp_path,
-                                                    no_model_loading):
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "/no/such/model"], "Model not found: there is no directory at '/no/such/model'"),
+        (["--dataset", str(BAD / "truncated_line.jsonl")], "truncated_line.jsonl: line 3 is not valid JSON"),
+    ],
+)
+def test_dispersion_command_errors_are_one_line_too(
+    argv, message, run_cli, tiny_lm_dir, tiny_prefs_path, tmp_path, no_model_loading
+):
     defaults = {"--model": str(tiny_lm_dir), "--dataset": str(tiny_prefs_path), "--out": str(tmp_path / "d")}
     defaults.update(dict(zip(argv[::2], argv[1::2])))
     code, _, err = run_cli("dispersion", *[x for pair in defaults.items() for x in pair])

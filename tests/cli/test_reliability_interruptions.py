@@ -35,10 +35,26 @@ torch.set_num_threads(1)
 # A training run killed with SIGKILL, resumed
 # ---------------------------------------------------------------------------------------
 
-RUN = dict(max_steps=40, save_strategy="steps", save_steps=5, logging_steps=5, per_device_train_batch_size=4,
-           mallows="phi", learning_rate=5e-4, max_length=48, max_prompt_length=24)
-LOGGED = ("loss", "grad_norm", "rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen",
-          "mallows/neg_log_phi_mean")
+RUN = dict(
+    max_steps=40,
+    save_strategy="steps",
+    save_steps=5,
+    logging_steps=5,
+    per_device_train_batch_size=4,
+    mallows="phi",
+    learning_rate=5e-4,
+    max_length=48,
+    max_prompt_length=24,
+)
+LOGGED = (
+    "loss",
+    "grad_norm",
+    "rewards/chosen",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "mallows/neg_log_phi_mean",
+)
 
 
 def wait_for_complete_checkpoint(process: subprocess.Popen, out: Path, timeout: float = 300.0) -> None:
@@ -61,12 +77,24 @@ def train_history(out: Path) -> list[dict]:
 
 def test_killed_run_resumes_to_the_uninterrupted_result(make_recipe, run_cli, tmp_path, mallowspo_cache, caplog):
     killed_out, full_out = tmp_path / "killed", tmp_path / "full"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "MALLOWSPO_CACHE": str(mallowspo_cache),
-           "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets_cache")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TQDM_DISABLE": "1",
+        "MALLOWSPO_CACHE": str(mallowspo_cache),
+        "HF_DATASETS_CACHE": str(tmp_path / "hf_datasets_cache"),
+    }
     process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("mallowspo")), "train", "--config",
-         str(make_recipe(output_dir=str(killed_out), **RUN))],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        [
+            str(Path(sys.executable).with_name("mallowspo")),
+            "train",
+            "--config",
+            str(make_recipe(output_dir=str(killed_out), **RUN)),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         wait_for_complete_checkpoint(process, killed_out)
@@ -81,13 +109,15 @@ def test_killed_run_resumes_to_the_uninterrupted_result(make_recipe, run_cli, tm
     # A kill while saving leaves a checkpoint without its trainer_state.json (written last):
     partial = killed_out / "checkpoint-39"
     partial.mkdir()
-    (partial / "model.safetensors").write_bytes((killed_out / f"checkpoint-{resume_step}" / "model.safetensors")
-                                                .read_bytes()[:1000])
+    (partial / "model.safetensors").write_bytes(
+        (killed_out / f"checkpoint-{resume_step}" / "model.safetensors").read_bytes()[:1000]
+    )
 
     code, _, err = run_cli("train", "--config", make_recipe(output_dir=str(full_out), **RUN))
     assert code == 0, err
-    code, _, err = run_cli("train", "--config", make_recipe(output_dir=str(killed_out), **RUN),
-                           "--resume_from_checkpoint", "last")
+    code, _, err = run_cli(
+        "train", "--config", make_recipe(output_dir=str(killed_out), **RUN), "--resume_from_checkpoint", "last"
+    )
     assert code == 0, err
     assert "skipping incomplete checkpoints" in caplog.text and "checkpoint-39" in caplog.text
 
@@ -146,8 +176,14 @@ def reference_pass(inputs: Pass):
     from mallowspo.training.reference import load_or_compute_reference_columns
 
     return load_or_compute_reference_columns(
-        inputs.model, inputs.dataset, inputs.collator, Accelerator(cpu=True), batch_size=8, weights="w",
-        tokenizer=inputs.tokenizer, data_settings=PreferenceDataConfig(max_length=48, max_prompt_length=24),
+        inputs.model,
+        inputs.dataset,
+        inputs.collator,
+        Accelerator(cpu=True),
+        batch_size=8,
+        weights="w",
+        tokenizer=inputs.tokenizer,
+        data_settings=PreferenceDataConfig(max_length=48, max_prompt_length=24),
     )
 
 
@@ -217,12 +253,15 @@ def test_killed_reference_pass_leaves_no_usable_cache(when, reference_inputs, ma
 def test_output_dir_under_a_file_is_an_error_before_loading(run_cli, make_recipe, tmp_path, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    monkeypatch.setattr("mallowspo.training.models.AutoModelForCausalLM.from_pretrained",
-                        lambda *a, **k: pytest.fail("the model was loaded before the error"))
+    monkeypatch.setattr(
+        "mallowspo.training.models.AutoModelForCausalLM.from_pretrained",
+        lambda *a, **k: pytest.fail("the model was loaded before the error"),
+    )
     code, _, err = run_cli("train", "--config", make_recipe(output_dir=str(blocker / "out")))
     assert code == 2 and err.strip().splitlines()[-1] == (
         f"error: output_dir {blocker / 'out'} cannot be created: {blocker} is a file, not a directory. "
-        "Choose another --output_dir.")
+        "Choose another --output_dir."
+    )
 
 
 def test_unwritable_output_dir_is_an_error_before_loading(run_cli, make_recipe, tmp_path, monkeypatch):
@@ -235,12 +274,16 @@ def test_unwritable_output_dir_is_an_error_before_loading(run_cli, make_recipe, 
         return write_bytes(self, data)
 
     monkeypatch.setattr(Path, "write_bytes", refuse_probe)
-    monkeypatch.setattr("mallowspo.training.models.AutoModelForCausalLM.from_pretrained",
-                        lambda *a, **k: pytest.fail("the model was loaded before the error"))
+    monkeypatch.setattr(
+        "mallowspo.training.models.AutoModelForCausalLM.from_pretrained",
+        lambda *a, **k: pytest.fail("the model was loaded before the error"),
+    )
     code, _, err = run_cli("train", "--config", make_recipe(output_dir=str(tmp_path / "out")))
     assert code == 2
-    assert err.strip().splitlines()[-1] == (f"error: output_dir {tmp_path / 'out'} is not writable (Permission "
-                                            "denied); fix its permissions or choose another --output_dir")
+    assert err.strip().splitlines()[-1] == (
+        f"error: output_dir {tmp_path / 'out'} is not writable (Permission "
+        "denied); fix its permissions or choose another --output_dir"
+    )
 
 
 def test_full_disk_is_an_error_before_the_reference_pass(run_cli, make_recipe, tmp_path, mallowspo_cache, monkeypatch):
@@ -272,4 +315,5 @@ def test_disk_filling_up_during_training_is_one_line(run_cli, make_recipe, tmp_p
     assert code == 2 and "Traceback" not in err
     assert err.strip().splitlines()[-1] == (
         "error: No space left on device (free some space; a training run resumes from its last checkpoint: "
-        "--resume_from_checkpoint last)")
+        "--resume_from_checkpoint last)"
+    )

@@ -84,7 +84,10 @@ def test_a_model_with_only_pickle_weights_is_refused(run_cli, make_recipe, tiny_
     (pickled / "model.safetensors").unlink()
     code, _, err = run_cli("train", "--config", make_recipe(model_name_or_path=str(pickled)))
     line = err.strip().splitlines()[-1]
-    assert code == 2 and f"error: {pickled} holds only pickle weights (*.bin), and mallowspo loads safetensors only" in line
+    assert (
+        code == 2
+        and f"error: {pickled} holds only pickle weights (*.bin), and mallowspo loads safetensors only" in line
+    )
 
 
 @pytest.fixture
@@ -99,6 +102,7 @@ def no_network(monkeypatch):
         def blocked(*args, **kwargs):
             attempts.append((what, args[1:] if what == "socket.connect" else args))
             raise OSError(f"network access blocked by the test: {what}{args}")
+
         return blocked
 
     monkeypatch.setattr(socket.socket, "connect", refuse("socket.connect"))

@@ -24,10 +24,22 @@ RECIPES = sorted(Path(train_command.__file__).parent.joinpath("recipes").glob("*
 
 def write_recipe(path: Path, tiny_lm_dir, tiny_prefs_path, **overrides) -> Path:
     values = dict(
-        model_name_or_path=str(tiny_lm_dir), dataset_name=str(tiny_prefs_path), output_dir=str(path.parent / "out"),
-        max_steps=30, per_device_train_batch_size=8, per_device_eval_batch_size=32, learning_rate=1.0e-3,
-        beta=0.1, max_length=48, max_prompt_length=24, logging_steps=5, save_strategy="no", report_to="none",
-        seed=0, dataloader_pin_memory=False, disable_tqdm=True,
+        model_name_or_path=str(tiny_lm_dir),
+        dataset_name=str(tiny_prefs_path),
+        output_dir=str(path.parent / "out"),
+        max_steps=30,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=32,
+        learning_rate=1.0e-3,
+        beta=0.1,
+        max_length=48,
+        max_prompt_length=24,
+        logging_steps=5,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
     )
     values.update(overrides)
     path.write_text(yaml.safe_dump(values))
@@ -41,8 +53,9 @@ def log_history(output_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("mallows", ["none", "theta", "phi"])  # none = DPO
 def test_train_end_to_end_learns_the_preference(tiny_lm_dir, tiny_prefs_path, tmp_path, mallowspo_cache, mallows):
     # dataset_test_split on a single file evaluates on the same rows: the training pairs
-    recipe = write_recipe(tmp_path / "recipe.yaml", tiny_lm_dir, tiny_prefs_path, mallows="phi",
-                          dataset_test_split="train")
+    recipe = write_recipe(
+        tmp_path / "recipe.yaml", tiny_lm_dir, tiny_prefs_path, mallows="phi", dataset_test_split="train"
+    )
     assert main(["train", "--config", str(recipe), "--mallows", mallows]) == 0
     out = tmp_path / "out"
     history = log_history(out)
@@ -109,8 +122,9 @@ def test_accelerate_config_shortcut_builds_the_launch_command(tmp_path):
     for name in ("ddp", "fsdp", "zero3"):
         path = train_command.resolve_accelerate_config(name)
         assert path.is_file() and yaml.safe_load(path.read_text())["distributed_type"]
-    args = train_command.argparse.Namespace(accelerate_config="zero3", num_processes=4, config="r.yaml",
-                                            overrides=["--beta", "0.2"])
+    args = train_command.argparse.Namespace(
+        accelerate_config="zero3", num_processes=4, config="r.yaml", overrides=["--beta", "0.2"]
+    )
     command = train_command.accelerate_command(args)
     assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
     assert command[command.index("--config_file") + 1].endswith("zero3.yaml")
@@ -122,13 +136,27 @@ def test_accelerate_config_shortcut_builds_the_launch_command(tmp_path):
 
 def test_two_process_run_with_accelerate(tiny_lm_dir, tiny_prefs_path, tmp_path):
     """`--accelerate_config ddp --num_processes 2` on CPU (use_cpu -> gloo): completes and writes one model."""
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_lm_dir, tiny_prefs_path, max_steps=4, logging_steps=2,
-                          use_cpu=True)
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_lm_dir, tiny_prefs_path, max_steps=4, logging_steps=2, use_cpu=True
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOWSPO_CACHE": str(tmp_path / "cache"), "TQDM_DISABLE": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "mallowspo.cli", "train", "--config", str(recipe), "--accelerate_config", "ddp",
-         "--num_processes", "2"],
-        env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mallowspo.cli",
+            "train",
+            "--config",
+            str(recipe),
+            "--accelerate_config",
+            "ddp",
+            "--num_processes",
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "out"
@@ -141,8 +169,23 @@ def test_two_process_run_with_accelerate(tiny_lm_dir, tiny_prefs_path, tmp_path)
 
 def test_dispersion_command_writes_the_report(tiny_lm_dir, tiny_prefs_path, tmp_path, mallowspo_cache, capsys):
     out = tmp_path / "disp"
-    argv = ["dispersion", "--model", str(tiny_lm_dir), "--dataset", str(tiny_prefs_path), "--out", str(out),
-            "--max_length", "48", "--max_prompt_length", "24", "--batch_size", "32", "--top", "3"]
+    argv = [
+        "dispersion",
+        "--model",
+        str(tiny_lm_dir),
+        "--dataset",
+        str(tiny_prefs_path),
+        "--out",
+        str(out),
+        "--max_length",
+        "48",
+        "--max_prompt_length",
+        "24",
+        "--batch_size",
+        "32",
+        "--top",
+        "3",
+    ]
     assert main(argv) == 0
     assert "300 pairs" in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "dispersion.jsonl").read_text().splitlines()]
@@ -173,3 +216,21 @@ def test_resume_argument():
     assert train_command.resume_argument(None) is None
     assert train_command.resume_argument("true") is True and train_command.resume_argument("last") is True
     assert train_command.resume_argument("runs/x/checkpoint-3") == "runs/x/checkpoint-3"
+
+
+def test_dispersion_command_takes_the_train_keys_and_recipes(make_recipe, tmp_path, mallowspo_cache, capsys):
+    """`mallowspo dispersion --config R` estimates what `mallowspo train --config R` trains with."""
+    recipe = make_recipe(dispersion_normalization=0.29, dispersion_clamp=[0.05, 2.0], per_device_train_batch_size=32)
+    out = tmp_path / "disp"
+    assert main(["dispersion", "--config", str(recipe), "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["phi_star"] == 0.29 and summary["clamp"] == [0.05, 2.0] and summary["source"] == "entropy"
+    assert summary["summary"]["neg_log_phi"]["max"] <= 2.0
+    assert "phi* 0.29" in capsys.readouterr().out
+
+    constant = tmp_path / "constant"
+    argv = ["dispersion", "--config", str(recipe), "--out", str(constant)]
+    assert main([*argv, "--dispersion_source", "constant", "--dispersion_constant", "1.5"]) == 0
+    summary = json.loads((constant / "summary.json").read_text())
+    assert summary["cache_reused"] and summary["phi_star"] is None  # the same reference pass, from the cache
+    assert summary["summary"]["neg_log_phi"]["min"] == summary["summary"]["neg_log_phi"]["max"] == 1.5

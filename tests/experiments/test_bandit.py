@@ -24,8 +24,8 @@ from mallowspo.experiments.bandit import (
     library_gradient,
     link_log_derivative,
     pair_indices,
-    train,
 )
+from mallowspo.experiments.bandit.train import train
 from mallowspo.losses import preference_loss
 
 f64 = torch.float64
@@ -80,7 +80,11 @@ def test_vectorised_loss_equals_per_beta_library_calls(method):
 def test_incidence_matrix_matches_pairs():
     d = incidence_matrix()
     w, l = pair_indices()
-    assert (d.sum(axis=1) == 0).all() and (d[np.arange(16), w.numpy()] == 1).all() and (d[np.arange(16), l.numpy()] == -1).all()
+    assert (
+        (d.sum(axis=1) == 0).all()
+        and (d[np.arange(16), w.numpy()] == 1).all()
+        and (d[np.arange(16), l.numpy()] == -1).all()
+    )
 
 
 def _spread_logits(seed: int, n: int) -> np.ndarray:
@@ -110,7 +114,9 @@ def test_dpo_gradient_written_out_by_hand():
     logits = torch.randn(3, 5, dtype=f64) * 2
     lib = library_gradient(logits.numpy(), betas.numpy(), "dpo", NEG_LOG_PHI)
     for b in range(3):
-        np.testing.assert_allclose(dpo_gradient_closed_form(logits[b], float(betas[b])).numpy(), lib[b], rtol=1e-10, atol=1e-15)
+        np.testing.assert_allclose(
+            dpo_gradient_closed_form(logits[b], float(betas[b])).numpy(), lib[b], rtol=1e-10, atol=1e-15
+        )
 
 
 @pytest.mark.parametrize("method", ["dpo", "phi-sigmoid", "phi-cubic-0.1", "phi-cubic-adaptive"])
@@ -118,10 +124,20 @@ def test_psi_matches_autograd_of_the_library_link(method):
     # psi = d log g / dz against autograd through preference_loss's link, on both sides of
     # the cubic joins and far into the tails (where eq. 12 as a difference would cancel).
     psi = link_log_derivative(method, NEG_LOG_PHI)
-    z = torch.tensor([-300.0, -15.0, -6.5, -6.0, -0.1001, -0.0999, -0.05, 0.0, 0.05, 0.0999, 0.1001, 6.0, 15.0],
-                     dtype=f64, requires_grad=True)
-    loss = preference_loss(z, torch.zeros_like(z), torch.zeros_like(z), torch.zeros_like(z), beta=1.0,
-                           neg_log_phi=torch.full_like(z, NEG_LOG_PHI), **METHODS[method]).losses
+    z = torch.tensor(
+        [-300.0, -15.0, -6.5, -6.0, -0.1001, -0.0999, -0.05, 0.0, 0.05, 0.0999, 0.1001, 6.0, 15.0],
+        dtype=f64,
+        requires_grad=True,
+    )
+    loss = preference_loss(
+        z,
+        torch.zeros_like(z),
+        torch.zeros_like(z),
+        torch.zeros_like(z),
+        beta=1.0,
+        neg_log_phi=torch.full_like(z, NEG_LOG_PHI),
+        **METHODS[method],
+    ).losses
     (want,) = torch.autograd.grad(-loss.sum(), z)
     np.testing.assert_allclose(psi(z.detach().numpy()), want.numpy(), rtol=1e-8, atol=1e-300)
 
@@ -151,7 +167,8 @@ def test_phi_sigmoid_is_dpo_with_beta_times_neg_log_phi():
     logits = torch.randn(3, 5, dtype=f64)
     betas = torch.tensor([0.05, 0.1, 1.0], dtype=f64)
     torch.testing.assert_close(
-        bandit_losses(logits, betas, "phi-sigmoid", NEG_LOG_PHI), bandit_losses(logits, betas * NEG_LOG_PHI, "dpo", 0.0)
+        bandit_losses(logits, betas, "phi-sigmoid", NEG_LOG_PHI),
+        bandit_losses(logits, betas * NEG_LOG_PHI, "dpo", 0.0),
     )
 
 
@@ -159,18 +176,25 @@ def test_cli_short_run_writes_all_files(tmp_path):
     out = tmp_path / "bandit"
     argv = ["bandit", "--out", str(out), "--epochs", "60", "--record-every", "30", "--betas", "0.05,0.1,2"]
     assert main(argv) == 0
-    for name in ("results.json", "trajectories.npz", "frontier_beta.png", "frontier_training.png", "arm_probs.png", "README.md"):
+    for name in (
+        "results.json",
+        "trajectories.npz",
+        "frontier_beta.png",
+        "frontier_training.png",
+        "arm_probs.png",
+        "README.md",
+    ):
         assert (out / name).stat().st_size > 0, name
     res = json.loads((out / "results.json").read_text())
     assert res["options"]["epochs"] == 60 and res["options"]["betas"] == [0.05, 0.1, 0.5, 1.0, 2.0]
     assert set(res["methods"]) == set(METHODS)
-    for m, r in res["methods"].items():
+    for r in res["methods"].values():
         assert r["nonfinite_steps"] == 0 and r["library_check"]["max_rel_diff"] < 1e-8
         assert r["training_frontier"]["epochs"] == [0, 30, 60]
         # epoch 0 is the uniform policy: KL 0, reward = mean of the arm rewards
         assert r["training_frontier"]["mean_kl"][0] == pytest.approx(0.0, abs=1e-12)
         assert r["training_frontier"]["mean_reward"][0] == pytest.approx(12.896)
-        for b, v in r["per_beta"].items():
+        for v in r["per_beta"].values():
             assert sum(v["final_probs"]) == pytest.approx(1.0)
             assert v["kl"] >= 0
     z = np.load(out / "trajectories.npz")

@@ -22,7 +22,7 @@ torch.set_num_threads(1)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # A few steps, a handful of prompts and samples: the whole pipeline in seconds.
-SHORT = ["--steps", "3", "--batch-size", "4", "--eval-points", "2", "--eval-prompts", "4", "--samples", "2",
+SHORT = ["--steps", "3", "--batch_size", "4", "--eval_points", "2", "--eval-prompts", "4", "--samples", "2",
          "--eval-pairs", "8", "--max-new-tokens", "24"]  # fmt: skip
 
 
@@ -84,7 +84,7 @@ def test_experiment_cli_runs_a_one_seed_micro_config_and_redraws(mini_world, tmp
     final = results["summary"]["0.1"]["methods"]["phi"]["final"]["all"]["reward"]
     assert final["n"] == 1 and math.isnan(final["lo"])  # one seed: no interval
     (out / "report.md").unlink()
-    assert main(["experiment", "controllable", "--out", str(out), "--report-only"]) == 0
+    assert main(["experiment", "controllable", "--out", str(out), "--report_only"]) == 0
     assert (out / "report.md").is_file()
 
 
@@ -113,7 +113,9 @@ def test_sampling_leaves_the_global_random_state_alone(mini_world):
     done = [s for s in a if s is not None]
     assert all(s[-1] == tokenizer.eos_token_id for s in done)
     # the policy is the reference: every log-ratio is 0; log-probs are those of a plain forward
-    logps = sequence_logps(model, [prompts[i // 3] for i, s in enumerate(a) if s is not None], done, tokenizer.pad_token_id)
+    logps = sequence_logps(
+        model, [prompts[i // 3] for i, s in enumerate(a) if s is not None], done, tokenizer.pad_token_id
+    )
     assert np.all(logps < 0)
     seq = prompts[0] + done[0] if a[0] is not None else None
     if seq is not None:
@@ -179,7 +181,16 @@ def test_verdict_follows_the_matched_kl_difference(gain, word):
 
 
 def test_a_missing_world_directory_is_an_error_not_a_build(tmp_path, capsys):
-    argv = ["experiment", "controllable", "--seeds", "1", "--world", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]
+    argv = [
+        "experiment",
+        "controllable",
+        "--seeds",
+        "1",
+        "--world",
+        str(tmp_path / "nowhere"),
+        "--out",
+        str(tmp_path / "o"),
+    ]
     assert main(argv) != 0
     assert "no complete world" in capsys.readouterr().err
     assert not (tmp_path / "nowhere").exists()

@@ -19,7 +19,9 @@ from mallowspo.experiments.estimator_check import (
 
 def test_command_writes_every_file(tmp_path, capsys):
     out = tmp_path / "check"
-    code = main(["estimator-check", "--out", str(out), "--n", "5", "--samples", "200", "--grid-points", "6", "--seed", "3"])
+    code = main(
+        ["estimator-check", "--out", str(out), "--n", "5", "--samples", "200", "--grid_points", "6", "--seed", "3"]
+    )
     assert code == 0
     for name in ("results.json", "estimator_check.png", "README.md"):
         assert (out / name).stat().st_size > 0
@@ -77,5 +79,5 @@ def test_degenerate_draws_stay_finite(tmp_path):
 def test_invalid_options_are_rejected():
     with pytest.raises(ValueError, match="--n must be"):
         run_estimator_check(n=1)
-    with pytest.raises(ValueError, match="--grid-points"):
+    with pytest.raises(ValueError, match="grid_points must be >= 3"):
         run_estimator_check(grid_points=2)

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from mallowspo.mallows import pairwise_prob
 from mallowspo.experiments.world import corpus
 from mallowspo.experiments.world.annotators import annotate, annotator_ranks, central_order
 from mallowspo.experiments.world.paths import ASSETS_DIR, WorldPaths
 from mallowspo.experiments.world.reward import sentiment_reward, sentiment_rewards
-
+from mallowspo.mallows import pairwise_prob
 
 # ----------------------------------------------------------------------------- corpus and reward
 

@@ -8,6 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mallowspo.dispersion import (
+    DispersionSource,
+    dispersion_estimate,
     estimate_neg_log_phi,
     fit_phi_star,
     mean_completion_entropy,
@@ -39,8 +41,14 @@ def test_uniform_distribution_has_hbar_one_and_point_mass_zero():
     uniform = torch.distributions.Categorical(logits=torch.zeros(3, V)).entropy()
     peaked = torch.distributions.Categorical(logits=torch.tensor([[1e4] + [0.0] * (V - 1)] * 3)).entropy()
     mask = torch.ones(1, 3)
-    assert float(normalized_entropy(mean_completion_entropy(uniform[None], mask), mean_completion_entropy(uniform[None], mask), V)) == pytest.approx(1.0)
-    assert float(normalized_entropy(mean_completion_entropy(peaked[None], mask), mean_completion_entropy(peaked[None], mask), V)) == pytest.approx(0.0, abs=1e-6)
+    assert float(
+        normalized_entropy(
+            mean_completion_entropy(uniform[None], mask), mean_completion_entropy(uniform[None], mask), V
+        )
+    ) == pytest.approx(1.0)
+    assert float(
+        normalized_entropy(mean_completion_entropy(peaked[None], mask), mean_completion_entropy(peaked[None], mask), V)
+    ) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_estimate_is_monotone_decreasing_in_hbar_and_bounded_at_zero():
@@ -94,3 +102,57 @@ def test_mean_normalised_estimate_is_finite_and_nonnegative(values):
     est, _ = estimate_neg_log_phi(hbar)
     assert bool(torch.isfinite(est).all()) and bool((est >= 0).all())
     assert float(est.mean()) == pytest.approx(1.0, rel=1e-9)
+
+
+# ----------------------------------------------------------------------------------------
+# The one dispersion path: DispersionSource -> dispersion_estimate
+# ----------------------------------------------------------------------------------------
+
+
+def test_dispersion_estimate_of_each_source():
+    hbar = torch.tensor([0.1, 0.2, 0.4], dtype=torch.float64)
+    fitted = dispersion_estimate(DispersionSource(clamp=None), size=3, hbar=hbar)
+    raw = -torch.log(hbar)
+    assert torch.allclose(fitted.neg_log_phi, raw / raw.mean()) and fitted.phi_star == pytest.approx(1 / raw.mean())
+    fixed = dispersion_estimate(DispersionSource(normalization=0.29, clamp=(0.05, 0.5)), size=3, hbar=hbar)
+    assert torch.allclose(fixed.neg_log_phi, (0.29 * raw).clamp(0.05, 0.5)) and fixed.phi_star == 0.29
+    constant = dispersion_estimate(DispersionSource(source="constant", constant=2.5), size=3)
+    assert constant.neg_log_phi.tolist() == [2.5, 2.5, 2.5] and constant.phi_star is None
+    column = dispersion_estimate(DispersionSource(source="column"), size=2, column=[0.3, 4.0])
+    assert column.neg_log_phi.dtype == torch.float64 and column.neg_log_phi.tolist() == [0.3, 4.0]
+
+
+def test_a_phi_star_fitted_on_train_is_reused_for_another_split():
+    train = dispersion_estimate(DispersionSource(), size=3, hbar=torch.tensor([0.1, 0.2, 0.4]))
+    other = torch.tensor([0.05, 0.5])
+    reused = dispersion_estimate(DispersionSource(), size=2, hbar=other, phi_star=train.phi_star)
+    assert reused.phi_star == train.phi_star
+    assert torch.allclose(reused.neg_log_phi, (-train.phi_star * torch.log(other.double())).clamp(0.05, 20.0))
+    assert float(reused.neg_log_phi.mean()) != pytest.approx(1.0)  # not refitted on this split
+    fixed = dispersion_estimate(DispersionSource(normalization=0.29), size=2, hbar=other, phi_star=0.5)
+    assert fixed.phi_star == 0.29  # a fixed normalisation stays fixed
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(source="oracle"), "unknown dispersion_source"),
+        (dict(normalization="median"), "dispersion_normalization must be 'mean' or > 0"),
+        (dict(normalization=0.0), "dispersion_normalization must be 'mean' or > 0"),
+        (dict(clamp=(1.0,)), "dispersion_clamp needs two numbers"),
+        (dict(clamp=(2.0, 1.0)), "dispersion_clamp needs 0 <= min <= max"),
+        (dict(constant=0.0), "dispersion_constant must be > 0"),
+    ],
+)
+def test_dispersion_source_rejects_bad_settings(fields, message):
+    with pytest.raises(ValueError, match=message):
+        DispersionSource(**fields)
+
+
+def test_dispersion_estimate_needs_its_inputs():
+    with pytest.raises(ValueError, match="needs Hbar"):
+        dispersion_estimate(DispersionSource(), size=2)
+    with pytest.raises(ValueError, match="needs the per-example values"):
+        dispersion_estimate(DispersionSource(source="column"), size=2)
+    with pytest.raises(ValueError, match=r"hbar has shape \(3,\), expected \(2,\)"):
+        dispersion_estimate(DispersionSource(), size=2, hbar=torch.rand(3))

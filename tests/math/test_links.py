@@ -42,7 +42,9 @@ def test_phi_link_equals_brute_force_marginals(n, phi):
             expected = brute_force_marginal(n, phi, i, j)
             got = float(phi_link(torch.tensor(float(j - i), dtype=f64), phi))
             assert got == pytest.approx(expected, abs=1e-12)
-            assert float(phi_link(torch.tensor(float(i - j), dtype=f64), phi)) == pytest.approx(1 - expected, abs=1e-12)
+            assert float(phi_link(torch.tensor(float(i - j), dtype=f64), phi)) == pytest.approx(
+                1 - expected, abs=1e-12
+            )
 
 
 def test_phi_link_closed_form_values():
@@ -92,8 +94,12 @@ def test_phi_link_derivative_matches_finite_differences():
     h = 1e-6
     for phi in [0.05, 0.5, 0.95]:
         for s in [-7.0, -0.3, 0.2, 1.0, 4.5]:
-            fd = (phi_link(torch.tensor(s + h, dtype=f64), phi) - phi_link(torch.tensor(s - h, dtype=f64), phi)) / (2 * h)
-            assert float(phi_link_derivative(torch.tensor(s, dtype=f64), phi)) == pytest.approx(float(fd), rel=1e-6, abs=1e-9)
+            fd = (phi_link(torch.tensor(s + h, dtype=f64), phi) - phi_link(torch.tensor(s - h, dtype=f64), phi)) / (
+                2 * h
+            )
+            assert float(phi_link_derivative(torch.tensor(s, dtype=f64), phi)) == pytest.approx(
+                float(fd), rel=1e-6, abs=1e-9
+            )
 
 
 def test_phi_link_derivative_matches_autograd_near_zero():

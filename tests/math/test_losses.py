@@ -40,15 +40,31 @@ def test_theta_scale_c_is_base_loss_with_beta_times_c(loss_type):
     lengths = dict(chosen_lengths=torch.tensor([3, 5, 7, 2, 9, 4]), rejected_lengths=torch.tensor([4, 4, 6, 8, 1, 2]))
     beta, gamma = 0.3, 0.4
     theta = preference_loss(
-        pc, pr, rc, rr, loss_type=loss_type, beta=beta, mallows="theta", neg_log_phi=c,
-        label_smoothing=0.1, simpo_gamma=gamma, **lengths,
+        pc,
+        pr,
+        rc,
+        rr,
+        loss_type=loss_type,
+        beta=beta,
+        mallows="theta",
+        neg_log_phi=c,
+        label_smoothing=0.1,
+        simpo_gamma=gamma,
+        **lengths,
     ).losses
     for i in range(6):
         # SimPO keeps its target margin in Delta units (gamma / beta), as in the authors' code.
         base = preference_loss(
-            pc[i : i + 1], pr[i : i + 1], rc[i : i + 1], rr[i : i + 1], loss_type=loss_type, beta=beta * float(c[i]),
-            label_smoothing=0.1, simpo_gamma=gamma * float(c[i]),
-            chosen_lengths=lengths["chosen_lengths"][i : i + 1], rejected_lengths=lengths["rejected_lengths"][i : i + 1],
+            pc[i : i + 1],
+            pr[i : i + 1],
+            rc[i : i + 1],
+            rr[i : i + 1],
+            loss_type=loss_type,
+            beta=beta * float(c[i]),
+            label_smoothing=0.1,
+            simpo_gamma=gamma * float(c[i]),
+            chosen_lengths=lengths["chosen_lengths"][i : i + 1],
+            rejected_lengths=lengths["rejected_lengths"][i : i + 1],
         ).losses
         assert float(theta[i]) == pytest.approx(float(base), rel=1e-12)
 
@@ -66,7 +82,9 @@ def test_base_objectives_match_their_papers():
     hinge = preference_loss(pc, pr, rc, rr, loss_type="hinge", beta=beta).losses
     assert torch.allclose(hinge, torch.relu(1 - z))
     lc, lr = torch.tensor([2, 3, 4, 5, 6, 7]), torch.tensor([7, 6, 5, 4, 3, 2])
-    simpo = preference_loss(pc, pr, loss_type="simpo", beta=2.0, simpo_gamma=0.5, chosen_lengths=lc, rejected_lengths=lr)
+    simpo = preference_loss(
+        pc, pr, loss_type="simpo", beta=2.0, simpo_gamma=0.5, chosen_lengths=lc, rejected_lengths=lr
+    )
     assert torch.allclose(simpo.losses, -F.logsigmoid(2.0 * (pc / lc - pr / lr) - 0.5))
     assert torch.allclose(simpo.chosen_rewards, 2.0 * pc / lc)
 
@@ -106,9 +124,18 @@ def test_gradients_match_finite_differences(loss_type, mallows, smoothing, eps):
 
     def total(pc, pr):
         return preference_loss(
-            pc, pr, *ref, loss_type=loss_type, beta=0.7, mallows=mallows, neg_log_phi=L,
-            phi_smoothing=smoothing, smoothing_eps=eps, label_smoothing=0.1,
-            chosen_lengths=torch.tensor([2, 3, 4, 5, 6]), rejected_lengths=torch.tensor([3, 3, 3, 3, 3]),
+            pc,
+            pr,
+            *ref,
+            loss_type=loss_type,
+            beta=0.7,
+            mallows=mallows,
+            neg_log_phi=L,
+            phi_smoothing=smoothing,
+            smoothing_eps=eps,
+            label_smoothing=0.1,
+            chosen_lengths=torch.tensor([2, 3, 4, 5, 6]),
+            rejected_lengths=torch.tensor([3, 3, 3, 3, 3]),
         ).losses.sum()
 
     assert torch.autograd.gradcheck(total, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
@@ -122,9 +149,18 @@ def test_extreme_margins_give_finite_losses_and_gradients(loss_type, mallows, sm
     zeros = torch.zeros_like(delta)
     L = torch.tensor([1e-8, 0.01, 0.5, 1.0, 3.0, 9.2, 30.0], dtype=dtype)
     out = preference_loss(
-        pc, zeros, zeros, zeros, loss_type=loss_type, beta=1.0, mallows=mallows, neg_log_phi=L,
-        phi_smoothing=smoothing, smoothing_eps=eps,
-        chosen_lengths=torch.ones(7), rejected_lengths=torch.ones(7),
+        pc,
+        zeros,
+        zeros,
+        zeros,
+        loss_type=loss_type,
+        beta=1.0,
+        mallows=mallows,
+        neg_log_phi=L,
+        phi_smoothing=smoothing,
+        smoothing_eps=eps,
+        chosen_lengths=torch.ones(7),
+        rejected_lengths=torch.ones(7),
     ).losses
     assert out.dtype == dtype
     assert bool(torch.isfinite(out).all()), out
@@ -139,7 +175,9 @@ def test_phi_smoothings_give_gradient_at_the_reference_point():
     L = torch.full((3,), 3.0, dtype=f64)
     for smoothing, expect_gradient in [("none", False), ("sigmoid", True), ("cubic", True)]:
         pc.grad = None
-        preference_loss(pc, zeros, zeros, zeros, mallows="phi", neg_log_phi=L, phi_smoothing=smoothing).losses.sum().backward()
+        preference_loss(
+            pc, zeros, zeros, zeros, mallows="phi", neg_log_phi=L, phi_smoothing=smoothing
+        ).losses.sum().backward()
         assert bool((pc.grad != 0).all()) == expect_gradient, smoothing
 
 

@@ -46,7 +46,7 @@ def exact_probs(n: int, phi: float, distance=kendall_distance) -> tuple[np.ndarr
     """All rankings of n items and their Mallows probabilities phi^d / sum phi^d (0^0 = 1)."""
     perms = all_rankings(n)
     d = distance(perms, np.arange(n))
-    weights = np.array([phi**int(k) for k in d])
+    weights = np.array([phi ** int(k) for k in d])
     return perms, weights / weights.sum()
 
 
@@ -101,9 +101,10 @@ def test_distances_are_metrics(triple):
         assert (dist(a, b) == 0) == np.array_equal(a, b)
     # Kendall is a metric; Spearman's rho (squared) is not, its square root is.
     assert kendall_distance(a, c) <= kendall_distance(a, b) + kendall_distance(b, c)
-    assert math.sqrt(spearman_distance(a, c)) <= math.sqrt(spearman_distance(a, b)) + math.sqrt(
-        spearman_distance(b, c)
-    ) + 1e-12
+    assert (
+        math.sqrt(spearman_distance(a, c))
+        <= math.sqrt(spearman_distance(a, b)) + math.sqrt(spearman_distance(b, c)) + 1e-12
+    )
 
 
 @given(permutation_triples)

@@ -15,15 +15,15 @@ from pathlib import Path
 import datasets
 import pytest
 
-from mallowspo.training.data import load as data_load
 from mallowspo.training.data import (
     PROBLEM_KINDS,
-    PreferenceDataConfig,
     DataValidationError,
+    PreferenceDataConfig,
     ValidationReport,
     load_preference_dataset,
     prepare_preference_dataset,
 )
+from mallowspo.training.data import load as data_load
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
 ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -304,7 +304,11 @@ def test_truncation_respects_budgets_and_keeps_prompt_intact(name, tiny_tokenize
     full, _ = prepare(dataset, tiny_tokenizer, max_prompt_length=None, max_length=None)
     max_length, max_completion = 24, 6
     out, report = prepare(
-        dataset, tiny_tokenizer, strict=False, max_length=max_length, max_prompt_length=20,
+        dataset,
+        tiny_tokenizer,
+        strict=False,
+        max_length=max_length,
+        max_prompt_length=20,
         max_completion_length=max_completion,
     )
     assert set(report.problems) <= {"prompt_too_long"}

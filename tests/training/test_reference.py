@@ -64,15 +64,23 @@ def test_reference_pass_equals_naive_full_logits_float64(tiny_lm_dir, dataset, t
     """A float64 model; the naive side is exact float64, and so is the CPU completion head."""
     model = load_patched(tiny_lm_dir, torch.float64)
     columns = compute_reference_columns(
-        model, dataset, PreferenceCollator(tokenizer.pad_token_id), Accelerator(cpu=True),
-        batch_size=5, vocab_size=model.config.vocab_size,  # 5 does not divide 24: a short last batch
+        model,
+        dataset,
+        PreferenceCollator(tokenizer.pad_token_id),
+        Accelerator(cpu=True),
+        batch_size=5,
+        vocab_size=model.config.vocab_size,  # 5 does not divide 24: a short last batch
     )
     for i, row in enumerate(dataset):
         for side in ("chosen", "rejected"):
             logp, entropy = naive_scores(model, row["prompt_input_ids"], row[f"{side}_input_ids"])
             assert columns[f"ref_{side}_logps"][i] == pytest.approx(logp, rel=1e-12, abs=1e-12)
             assert columns[f"ref_{side}_entropy"][i] == pytest.approx(entropy, rel=1e-12, abs=1e-12)
-        hbar = 0.5 * (columns["ref_chosen_entropy"][i] + columns["ref_rejected_entropy"][i]) / math.log(model.config.vocab_size)
+        hbar = (
+            0.5
+            * (columns["ref_chosen_entropy"][i] + columns["ref_rejected_entropy"][i])
+            / math.log(model.config.vocab_size)
+        )
         assert columns["hbar"][i] == pytest.approx(hbar, abs=1e-12)
 
 
@@ -88,7 +96,9 @@ def test_batch_size_and_padding_do_not_change_the_pass(tiny_lm_dir, dataset, tok
 def test_token_fingerprint_tracks_tokens_only(dataset):
     same = dataset.map(lambda row: row)  # a new dataset object with the same tokens
     assert token_fingerprint(same) == token_fingerprint(dataset)
-    changed = dataset.map(lambda row, i: {"chosen_input_ids": row["chosen_input_ids"][:-1]} if i == 3 else {}, with_indices=True)
+    changed = dataset.map(
+        lambda row, i: {"chosen_input_ids": row["chosen_input_ids"][:-1]} if i == 3 else {}, with_indices=True
+    )
     assert token_fingerprint(changed) != token_fingerprint(dataset)
     assert token_fingerprint(dataset.select(range(23))) != token_fingerprint(dataset)
 
@@ -115,7 +125,13 @@ def test_cache_reuse_and_invalidation(tiny_lm_dir, dataset, tokenizer, mallowspo
 
     def run(data=dataset, weights="w0", tok=tokenizer, settings=DATA_CONFIG):
         return load_or_compute_reference_columns(
-            model, data, collator, Accelerator(cpu=True), batch_size=8, weights=weights, tokenizer=tok,
+            model,
+            data,
+            collator,
+            Accelerator(cpu=True),
+            batch_size=8,
+            weights=weights,
+            tokenizer=tok,
             data_settings=settings,
         )
 
@@ -140,7 +156,10 @@ def test_cache_reuse_and_invalidation(tiny_lm_dir, dataset, tokenizer, mallowspo
 
 
 def test_cache_write_is_atomic(tmp_path, monkeypatch):
-    columns = {name: np.arange(3.0) for name in ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_entropy", "ref_rejected_entropy", "hbar")}
+    columns = {
+        name: np.arange(3.0)
+        for name in ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_entropy", "ref_rejected_entropy", "hbar")
+    }
     path = cache_dir_for("k", tmp_path)
 
     def killed(*args, **kwargs):

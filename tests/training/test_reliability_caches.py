@@ -44,8 +44,14 @@ def patched(model):
 def run_pass(raw, tokenizer, model, config=BASE):
     dataset, _ = prepare_preference_dataset(raw, tokenizer, config)
     result = load_or_compute_reference_columns(
-        patched(model), dataset, PreferenceCollator(tokenizer.pad_token_id), Accelerator(cpu=True), batch_size=8,
-        weights=weights_fingerprint(model), tokenizer=tokenizer, data_settings=config,
+        patched(model),
+        dataset,
+        PreferenceCollator(tokenizer.pad_token_id),
+        Accelerator(cpu=True),
+        batch_size=8,
+        weights=weights_fingerprint(model),
+        tokenizer=tokenizer,
+        data_settings=config,
     )
     return result, dataset
 

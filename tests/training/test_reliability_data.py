@@ -77,8 +77,9 @@ def test_strict_bad_file_is_a_one_line_error_naming_file_row_and_problem(name, r
 def test_lenient_bad_file_skips_and_counts_the_rows_or_stays_an_error(name, run_cli, make_recipe, caplog):
     problem, where, skipped, extra = CASES[name]
     with caplog.at_level(logging.WARNING, logger="mallowspo"):
-        code, _, err = run_cli("train", "--config", make_recipe(), "--dataset_name", BAD / name,
-                               "--strict_validation", "false", *extra)
+        code, _, err = run_cli(
+            "train", "--config", make_recipe(), "--dataset_name", BAD / name, "--strict_validation", "false", *extra
+        )
     if skipped is None:
         assert_one_line_error(code, err, name, problem)
         return
@@ -89,8 +90,9 @@ def test_lenient_bad_file_skips_and_counts_the_rows_or_stays_an_error(name, run_
     assert f"{problem}: {len(skipped)} row{'s' if len(skipped) > 1 else ''}; e.g. {where}" in caplog.text
 
 
-def test_huge_completion_is_truncated_without_blowing_memory_or_time(tmp_path, tiny_lm_dir, run_cli, make_recipe,
-                                                                     isolated_hf_datasets_cache):
+def test_huge_completion_is_truncated_without_blowing_memory_or_time(
+    tmp_path, tiny_lm_dir, run_cli, make_recipe, isolated_hf_datasets_cache
+):
     """A 5 MB completion: only the tokens within the budget are computed (0.03 s, flat memory;
     tokenizing it whole took 17 s and 0.9 GB on this tokenizer), and they are the same tokens."""
     from transformers import AutoTokenizer
@@ -128,7 +130,8 @@ def test_huge_prompt_is_prompt_too_long_without_tokenizing_it_whole(tmp_path, ti
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     start = time.perf_counter()
     _, report = prepare_preference_dataset(
-        load_preference_dataset(path), AutoTokenizer.from_pretrained(tiny_lm_dir),
+        load_preference_dataset(path),
+        AutoTokenizer.from_pretrained(tiny_lm_dir),
         PreferenceDataConfig(max_length=48, max_prompt_length=24, strict=False),
     )
     assert time.perf_counter() - start < 3.0
@@ -144,11 +147,13 @@ def test_pretokenized_data_with_an_empty_completion_is_an_error(tiny_lm_dir, tmp
     from mallowspo.training.data import DataValidationError
     from mallowspo.training.trainer import MallowsPOTrainer
 
-    tokenized = datasets.Dataset.from_dict({
-        "prompt_input_ids": [[5, 6], [7, 8], [9]],
-        "chosen_input_ids": [[10, 1], [], [12, 1]],
-        "rejected_input_ids": [[13, 1], [14, 1], [15, 1]],
-    })
+    tokenized = datasets.Dataset.from_dict(
+        {
+            "prompt_input_ids": [[5, 6], [7, 8], [9]],
+            "chosen_input_ids": [[10, 1], [], [12, 1]],
+            "rejected_input_ids": [[13, 1], [14, 1], [15, 1]],
+        }
+    )
     args = MallowsPOConfig(output_dir=str(tmp_path / "out"), report_to="none", max_steps=1)
     with pytest.raises(DataValidationError, match=r"chosen_input_ids is empty in 1 row \(e\.g\. row 1\)"):
         MallowsPOTrainer(str(tiny_lm_dir), args=args, train_dataset=tokenized)

@@ -18,10 +18,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mallowspo.losses import LOSS_TYPES, MALLOWS_VARIANTS, preference_loss
 from mallowspo.training import reference
 from mallowspo.training.config import MallowsPOConfig
 from mallowspo.training.data import load_preference_dataset
-from mallowspo.losses import LOSS_TYPES, MALLOWS_VARIANTS, preference_loss
 from mallowspo.training.trainer import MallowsPOTrainer
 
 torch.set_num_threads(1)
@@ -33,13 +33,27 @@ def raw_data(tiny_prefs_path):
 
 
 def make_trainer(tiny_lm_dir, raw_data, tmp_path, dtype=torch.float32, **overrides):
-    fields = dict(output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=8, learning_rate=1e-3,
-                  max_length=48, max_prompt_length=24, logging_steps=1, save_strategy="no", report_to="none",
-                  seed=0, dataloader_pin_memory=False, disable_tqdm=True)
+    fields = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        max_length=48,
+        max_prompt_length=24,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
+    )
     fields.update(overrides)
-    return MallowsPOTrainer(AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=dtype),
-                            args=MallowsPOConfig(**fields), train_dataset=raw_data,
-                            processing_class=AutoTokenizer.from_pretrained(tiny_lm_dir))
+    return MallowsPOTrainer(
+        AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=dtype),
+        args=MallowsPOConfig(**fields),
+        train_dataset=raw_data,
+        processing_class=AutoTokenizer.from_pretrained(tiny_lm_dir),
+    )
 
 
 def loss_and_gradients(trainer, batch=None):
@@ -70,8 +84,9 @@ def with_entropy(monkeypatch, value_for_row):
 
 @pytest.mark.parametrize("mallows", ["theta", "phi"])
 @pytest.mark.parametrize("clamp", [[0.05, 20.0], None], ids=["clamped", "no-clamp"])
-def test_zero_reference_entropy_gives_a_bounded_dispersion(mallows, clamp, tiny_lm_dir, raw_data, tmp_path,
-                                                           mallowspo_cache, monkeypatch):
+def test_zero_reference_entropy_gives_a_bounded_dispersion(
+    mallows, clamp, tiny_lm_dir, raw_data, tmp_path, mallowspo_cache, monkeypatch
+):
     with_entropy(monkeypatch, lambda i: 0.0 if i % 2 == 0 else 3.0)  # a certain reference on half the prompts
     trainer = make_trainer(tiny_lm_dir, raw_data, tmp_path, mallows=mallows, dispersion_clamp=clamp)
     estimates = np.asarray(trainer.train_dataset["neg_log_phi"])
@@ -84,12 +99,14 @@ def test_zero_reference_entropy_gives_a_bounded_dispersion(mallows, clamp, tiny_
 
 
 @pytest.mark.parametrize("mallows", ["theta", "phi"])
-def test_phi_exactly_one_gives_log_2_and_finite_gradients(mallows, tiny_lm_dir, raw_data, tmp_path, mallowspo_cache,
-                                                          monkeypatch):
+def test_phi_exactly_one_gives_log_2_and_finite_gradients(
+    mallows, tiny_lm_dir, raw_data, tmp_path, mallowspo_cache, monkeypatch
+):
     """Hbar = 1 (the reference at maximum entropy) with a fixed phi* and a clamp from 0: -log phi = 0."""
     with_entropy(monkeypatch, lambda i: math.log(512))
-    trainer = make_trainer(tiny_lm_dir, raw_data, tmp_path, mallows=mallows, dispersion_normalization="0.29",
-                           dispersion_clamp=[0.0, 20.0])
+    trainer = make_trainer(
+        tiny_lm_dir, raw_data, tmp_path, mallows=mallows, dispersion_normalization="0.29", dispersion_clamp=[0.0, 20.0]
+    )
     assert np.asarray(trainer.train_dataset["neg_log_phi"]).max() == 0.0
     with torch.no_grad():  # move the policy off the reference, so the margins are not all 0
         for p in trainer.model.parameters():
@@ -98,8 +115,9 @@ def test_phi_exactly_one_gives_log_2_and_finite_gradients(mallows, tiny_lm_dir, 
     assert loss.item() == pytest.approx(math.log(2), abs=1e-6) and finite_grads
 
 
-def test_phi_one_everywhere_with_mean_normalisation_is_a_clear_error(tiny_lm_dir, raw_data, tmp_path,
-                                                                      mallowspo_cache, monkeypatch):
+def test_phi_one_everywhere_with_mean_normalisation_is_a_clear_error(
+    tiny_lm_dir, raw_data, tmp_path, mallowspo_cache, monkeypatch
+):
     with_entropy(monkeypatch, lambda i: math.log(512))
     with pytest.raises(ValueError, match="at maximum entropy .* use a fixed phi_star"):
         make_trainer(tiny_lm_dir, raw_data, tmp_path, mallows="phi")
@@ -117,8 +135,12 @@ def test_half_precision_model_trains_with_finite_values(dtype, tiny_lm_dir, raw_
     assert all(math.isfinite(h["loss"]) for h in trainer.state.log_history if "loss" in h)
 
 
-OBJECTIVES = [(loss_type, mallows) for loss_type in LOSS_TYPES for mallows in MALLOWS_VARIANTS
-              if not (mallows == "phi" and loss_type in ("ipo", "hinge"))]
+OBJECTIVES = [
+    (loss_type, mallows)
+    for loss_type in LOSS_TYPES
+    for mallows in MALLOWS_VARIANTS
+    if not (mallows == "phi" and loss_type in ("ipo", "hinge"))
+]
 
 
 def test_extreme_log_ratio_differences_through_the_trainer(tiny_lm_dir, raw_data, tmp_path, mallowspo_cache):
@@ -141,9 +163,18 @@ def test_extreme_float16_log_ratios_give_finite_losses(loss_type, mallows):
     delta = torch.tensor([-1e4, -50.0, 0.0, 50.0, 1e4], dtype=torch.float16)
     chosen = delta.clone().requires_grad_(True)
     zeros = torch.zeros(5, dtype=torch.float16)
-    out = preference_loss(chosen, -delta, zeros, zeros, loss_type=loss_type, mallows=mallows, beta=0.5,
-                          neg_log_phi=torch.tensor([30.0, 9.0, 1.0, 0.5, 0.01]),
-                          chosen_lengths=torch.ones(5), rejected_lengths=torch.ones(5)).losses
+    out = preference_loss(
+        chosen,
+        -delta,
+        zeros,
+        zeros,
+        loss_type=loss_type,
+        mallows=mallows,
+        beta=0.5,
+        neg_log_phi=torch.tensor([30.0, 9.0, 1.0, 0.5, 0.01]),
+        chosen_lengths=torch.ones(5),
+        rejected_lengths=torch.ones(5),
+    ).losses
     assert out.dtype == torch.float32 and bool(torch.isfinite(out).all()), out
     out.sum().backward()
     assert bool(torch.isfinite(chosen.grad).all())

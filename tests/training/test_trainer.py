@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mallowspo.training.config import MallowsPOConfig
-from mallowspo.training.data import load_preference_dataset
+from mallowspo.training.data import load_preference_dataset, prepare_preference_dataset
 from mallowspo.training.head import add_completion_head
-from mallowspo.training.reference import compute_reference_columns
 from mallowspo.training.metrics import MetricAccumulator
 from mallowspo.training.models import ensure_pad_token
+from mallowspo.training.reference import compute_reference_columns
 from mallowspo.training.trainer import MallowsPOTrainer
 
 torch.set_num_threads(1)
@@ -26,9 +26,19 @@ torch.set_num_threads(1)
 
 def config(tmp_path, **overrides) -> MallowsPOConfig:
     fields = dict(
-        output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=8, per_device_eval_batch_size=16,
-        learning_rate=1e-3, max_length=48, max_prompt_length=24, logging_steps=2, save_strategy="no",
-        report_to="none", seed=0, dataloader_pin_memory=False, disable_tqdm=True,
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        learning_rate=1e-3,
+        max_length=48,
+        max_prompt_length=24,
+        logging_steps=2,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
     )
     fields.update(overrides)
     return MallowsPOConfig(**fields)
@@ -41,8 +51,11 @@ def raw_data(tiny_prefs_path):
 
 def make_trainer(tiny_lm_dir, raw_data, tmp_path, peft_config=None, **overrides):
     return MallowsPOTrainer(
-        AutoModelForCausalLM.from_pretrained(tiny_lm_dir), args=config(tmp_path, **overrides), train_dataset=raw_data,
-        processing_class=AutoTokenizer.from_pretrained(tiny_lm_dir), peft_config=peft_config,
+        AutoModelForCausalLM.from_pretrained(tiny_lm_dir),
+        args=config(tmp_path, **overrides),
+        train_dataset=raw_data,
+        processing_class=AutoTokenizer.from_pretrained(tiny_lm_dir),
+        peft_config=peft_config,
     )
 
 
@@ -54,8 +67,9 @@ def first_batch(trainer):
 def test_unit_dispersion_loss_equals_dpo(tiny_lm_dir, raw_data, tmp_path, mallowspo_cache, variant):
     """Theta with -log phi = 1 for every prompt (and phi under the sigmoid smoothing) is DPO, on the same batch."""
     dpo = make_trainer(tiny_lm_dir, raw_data, tmp_path / "dpo", mallows="none")
-    mallows = make_trainer(tiny_lm_dir, raw_data, tmp_path / "m", dispersion_source="constant",
-                           dispersion_constant=1.0, **variant)
+    mallows = make_trainer(
+        tiny_lm_dir, raw_data, tmp_path / "m", dispersion_source="constant", dispersion_constant=1.0, **variant
+    )
     batch = first_batch(mallows)
     assert torch.equal(batch["neg_log_phi"], torch.ones(8))
     with torch.no_grad():  # same initial weights; perturb the policy so the margins are not all 0
@@ -87,7 +101,9 @@ def test_lora_reference_is_the_adapter_disabled_model(tiny_lm_dir, raw_data, tmp
     add_completion_head(base)
     fresh = compute_reference_columns(base, data, trainer.data_collator, Accelerator(cpu=True), 16, 512)
     with trainer.model.disable_adapter():
-        disabled = compute_reference_columns(trainer.model, data, trainer.data_collator, Accelerator(cpu=True), 16, 512)
+        disabled = compute_reference_columns(
+            trainer.model, data, trainer.data_collator, Accelerator(cpu=True), 16, 512
+        )
     enabled = compute_reference_columns(trainer.model, data, trainer.data_collator, Accelerator(cpu=True), 16, 512)
     for name in ("ref_chosen_logps", "ref_rejected_logps", "ref_chosen_entropy"):
         np.testing.assert_allclose(ref_columns[name], fresh[name], rtol=1e-5, atol=1e-5)
@@ -110,8 +126,9 @@ def test_online_reference_is_a_frozen_copy_of_the_initial_model(tiny_lm_dir, raw
 
 def test_simpo_with_mallows_uses_initial_policy_entropy(tiny_lm_dir, raw_data, tmp_path, mallowspo_cache, caplog):
     with caplog.at_level(logging.INFO, logger="mallowspo"):
-        trainer = make_trainer(tiny_lm_dir, raw_data, tmp_path, loss_type="simpo", mallows="theta", beta=2.0,
-                               simpo_gamma=0.5, max_steps=2)
+        trainer = make_trainer(
+            tiny_lm_dir, raw_data, tmp_path, loss_type="simpo", mallows="theta", beta=2.0, simpo_gamma=0.5, max_steps=2
+        )
     assert trainer.ref_model is None
     assert "reference-free: the dispersion entropy comes from the initial policy weights" in caplog.text
     assert "neg_log_phi" in trainer.train_dataset.column_names
@@ -135,17 +152,37 @@ def test_metric_accumulator_pools_examples():
 
 
 def test_logged_metrics_with_accumulation_and_eval(tiny_lm_dir, raw_data, tmp_path, mallowspo_cache):
-    args = config(tmp_path, gradient_accumulation_steps=2, max_steps=4, logging_steps=2, mallows="phi",
-                  eval_strategy="steps", eval_steps=4)
-    trainer = MallowsPOTrainer(AutoModelForCausalLM.from_pretrained(tiny_lm_dir), args=args, train_dataset=raw_data,
-                               eval_dataset=raw_data.select(range(20)),
-                               processing_class=AutoTokenizer.from_pretrained(tiny_lm_dir))
+    args = config(
+        tmp_path,
+        gradient_accumulation_steps=2,
+        max_steps=4,
+        logging_steps=2,
+        mallows="phi",
+        eval_strategy="steps",
+        eval_steps=4,
+    )
+    trainer = MallowsPOTrainer(
+        AutoModelForCausalLM.from_pretrained(tiny_lm_dir),
+        args=args,
+        train_dataset=raw_data,
+        eval_dataset=raw_data.select(range(20)),
+        processing_class=AutoTokenizer.from_pretrained(tiny_lm_dir),
+    )
     trainer.train()
     logs = trainer.state.log_history
     train_logs = [h for h in logs if "loss" in h]
-    names = ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen",
-             "logps/rejected", "mallows/neg_log_phi_mean", "mallows/neg_log_phi_min", "mallows/neg_log_phi_max",
-             "mallows/ref_entropy_mean"]
+    names = [
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "mallows/neg_log_phi_mean",
+        "mallows/neg_log_phi_min",
+        "mallows/neg_log_phi_max",
+        "mallows/ref_entropy_mean",
+    ]
     assert len(train_logs) == 2 and all(name in train_logs[-1] for name in names)
     for log in train_logs:
         assert log["rewards/margins"] == pytest.approx(log["rewards/chosen"] - log["rewards/rejected"], abs=1e-6)
@@ -164,21 +201,37 @@ def test_save_model_writes_hf_model_card_config_and_dispersion(tiny_lm_dir, raw_
     trainer.train()
     trainer.save_model()
     out = tmp_path / "out"
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "mallowspo_config.yaml",
-                 "dispersion.jsonl", "trainer_state.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "README.md",
+        "mallowspo_config.yaml",
+        "dispersion.jsonl",
+        "trainer_state.json",
+    ):
         assert (out / name).is_file(), name
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     state = trainer.accelerator.unwrap_model(trainer.model).state_dict()
     assert all(torch.equal(v, state[k]) for k, v in reloaded.state_dict().items())
     records = [json.loads(line) for line in (out / "dispersion.jsonl").read_text().splitlines()]
     assert len(records) == 64
-    assert set(records[0]) == {"row_index", "prompt", "hbar", "neg_log_phi", "ref_chosen_entropy", "ref_rejected_entropy"}
+    assert set(records[0]) == {
+        "row_index",
+        "prompt",
+        "hbar",
+        "neg_log_phi",
+        "ref_chosen_entropy",
+        "ref_rejected_entropy",
+    }
     card = (out / "README.md").read_text()
     assert "MallowsPO-phi" in card and "phi*" in card and "dispersion.jsonl" in card
     import yaml
 
     resolved = yaml.safe_load((out / "mallowspo_config.yaml").read_text())
-    assert resolved["training"]["mallows"] == "phi" and resolved["training"]["phi_star"] == pytest.approx(trainer.phi_star)
+    assert resolved["training"]["mallows"] == "phi" and resolved["training"]["phi_star"] == pytest.approx(
+        trainer.phi_star
+    )
 
 
 def test_plain_dpo_run_has_no_dispersion_metrics_or_file(tiny_lm_dir, raw_data, tmp_path, mallowspo_cache):
@@ -239,12 +292,25 @@ def test_config_rejects_invalid_values(tmp_path, fields, message):
 
 
 def test_config_builds_the_data_config(tmp_path):
-    args = MallowsPOConfig(output_dir=str(tmp_path), max_length=100, max_prompt_length=40, max_completion_length=30,
-                           strict_validation=False, dispersion_source="column", dispersion_column="d",
-                           smoothing_eps="0.1", dispersion_normalization="0.29")
+    args = MallowsPOConfig(
+        output_dir=str(tmp_path),
+        max_length=100,
+        max_prompt_length=40,
+        max_completion_length=30,
+        strict_validation=False,
+        dispersion_source="column",
+        dispersion_column="d",
+        smoothing_eps="0.1",
+        dispersion_normalization="0.29",
+    )
     data = args.to_data_config()
-    assert (data.max_length, data.max_prompt_length, data.max_completion_length, data.strict, data.dispersion_column) == (
-        100, 40, 30, False, "d")
+    assert (
+        data.max_length,
+        data.max_prompt_length,
+        data.max_completion_length,
+        data.strict,
+        data.dispersion_column,
+    ) == (100, 40, 30, False, "d")
     assert args.smoothing_eps == 0.1 and args.dispersion_normalization == 0.29
 
 
@@ -261,3 +327,54 @@ def test_config_builds_the_data_config(tmp_path):
 )
 def test_when_the_reference_pass_runs(tmp_path, fields, runs):
     assert MallowsPOConfig(output_dir=str(tmp_path), **fields).runs_reference_pass is runs
+
+
+@pytest.mark.parametrize(
+    "fields, ignored",
+    [
+        (
+            dict(mallows="theta", phi_smoothing="sigmoid"),
+            "phi_smoothing='sigmoid' is ignored: it smooths the phi link",
+        ),
+        (dict(mallows="phi", phi_smoothing="sigmoid", smoothing_eps="0.3"), "smoothing_eps=0.3 is ignored"),
+        (dict(mallows="none", dispersion_normalization="0.29"), "is ignored: mallows='none' uses no dispersion"),
+        (dict(mallows="theta", dispersion_source="constant", dispersion_clamp=[0.1, 5]), "dispersion_clamp="),
+        (dict(mallows="theta", dispersion_constant=2.0), "dispersion_constant=2.0 is ignored"),
+        (dict(loss_type="ipo", mallows="theta", simpo_gamma=1.0), "simpo_gamma=1.0 is ignored"),
+    ],
+)
+def test_config_warns_about_settings_the_mode_ignores(tmp_path, caplog, fields, ignored):
+    with caplog.at_level(logging.WARNING, logger="mallowspo"):
+        config(tmp_path, **fields)
+    assert any(ignored in record.getMessage() for record in caplog.records), caplog.text
+
+
+def test_config_does_not_warn_about_settings_in_use(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="mallowspo"):
+        config(tmp_path, mallows="phi", phi_smoothing="cubic", smoothing_eps="adaptive", dispersion_clamp=[0.1, 5])
+        config(tmp_path, mallows="theta", dispersion_source="constant", dispersion_constant=2.0)
+        config(tmp_path, loss_type="simpo", mallows="none", simpo_gamma=1.0)
+    assert not [r for r in caplog.records if "is ignored" in r.getMessage()], caplog.text
+
+
+def test_trainer_takes_run_metadata_and_reports_in_its_constructor(tiny_lm_dir, raw_data, tmp_path, mallowspo_cache):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    args = config(tmp_path, max_steps=1, mallows="theta")
+    tokenized, report = prepare_preference_dataset(raw_data, tokenizer, args.to_data_config(), name="train")
+    trainer = MallowsPOTrainer(
+        AutoModelForCausalLM.from_pretrained(tiny_lm_dir),
+        args=args,
+        train_dataset=tokenized,
+        processing_class=tokenizer,
+        run_metadata={"model": {"model_name_or_path": "my-base"}, "data": {"dataset_name": "my-data"}},
+        validation_reports={"train": report},
+    )
+    assert not (tmp_path / "out" / "dispersion.jsonl").exists()  # nothing is written before the final save
+    trainer.train()
+    trainer.save_model()
+    import yaml
+
+    resolved = yaml.safe_load((tmp_path / "out" / "mallowspo_config.yaml").read_text())
+    assert resolved["model"] == {"model_name_or_path": "my-base"} and resolved["data"]["dataset_name"] == "my-data"
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "`my-base`" in card and "`my-data`" in card and "64 rows, 64 kept" in card

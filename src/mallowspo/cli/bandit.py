@@ -4,7 +4,10 @@ MallowsPO-phi under each smoothing of the phi link (see ``mallowspo.experiments.
 from __future__ import annotations
 
 import argparse
+import json
 import time
+
+from mallowspo.experiments.bandit import DEFAULT_BETAS, METHODS, BanditConfig, run_bandit, write_outputs, write_report
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -19,8 +22,6 @@ def _methods(text: str) -> tuple[str, ...]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from mallowspo.experiments.bandit import METHODS
-
     parser.add_argument("--out", default="runs/bandit", help="output directory (default runs/bandit)")
     parser.add_argument("--epochs", type=int, default=500_000, help="SGD steps on the full batch (default 500000)")
     parser.add_argument(
@@ -32,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=5e-3, help="SGD learning rate (default 5e-3)")
     parser.add_argument("--phi", type=float, default=0.05, help="Mallows dispersion of every pair (default 0.05)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (nothing is random; recorded)")
-    parser.add_argument("--record-every", type=int, default=100, help="epochs between records (default 100)")
+    parser.add_argument(
+        "--record_every", "--record-every", type=int, default=100, help="epochs between records (default 100)"
+    )
     parser.add_argument(
         "--methods",
         type=_methods,
@@ -40,19 +43,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"comma-separated subset of {','.join(METHODS)} (default all)",
     )
     parser.add_argument(
+        "--check_every",
         "--check-every",
         type=int,
         default=10_000,
         help="epochs between checks of the closed-form step against autograd through preference_loss (default 10000)",
     )
     parser.add_argument(
-        "--report-only", action="store_true", help="redraw figures and README.md from an existing --out, no training"
+        "--report_only",
+        "--report-only",
+        action="store_true",
+        help="redraw figures and README.md from an existing --out, no training",
     )
 
 
 def run(args: argparse.Namespace) -> int:
-    from mallowspo.experiments.bandit import DEFAULT_BETAS, BanditConfig, run_bandit, write_outputs, write_report
-
     if args.report_only:
         paths = write_report(args.out)
         print(f"bandit: redrew {', '.join(str(p) for p in paths.values())}")
@@ -76,10 +81,9 @@ def run(args: argparse.Namespace) -> int:
     runs = run_bandit(cfg)
     seconds = time.perf_counter() - start
     paths = write_outputs(cfg, runs, args.out, seconds)
-    import json
 
     methods = json.loads(paths["results"].read_text())["methods"]
-    for m, r in methods.items():
+    for r in methods.values():
         bb, tb = r["best_reward_over_beta"], r["training_frontier"]["best"]
         p05 = " ".join(f"{x:.2f}" for x in r["per_beta"]["0.05"]["final_probs"])
         print(

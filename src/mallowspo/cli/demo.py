@@ -11,22 +11,18 @@ Writes report.md, results.json and the figures to --out.
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from dataclasses import replace
 
-if TYPE_CHECKING:
-    from mallowspo.experiments.controllable import ControllableConfig
+from mallowspo.cli.experiment import add_budget_arguments, config_from_args, run_and_report
+from mallowspo.experiments.controllable import ControllableConfig
 
 
 def demo_config() -> ControllableConfig:
     """The built-in demo: one seed, beta 0.1, both families (what `make demo` runs)."""
-    from mallowspo.experiments.controllable import ControllableConfig
-
     return ControllableConfig()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from mallowspo.cli.experiment import add_budget_arguments
-
     parser.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     parser.add_argument("--seed", type=int, default=0, help="training and sampling seed (default 0)")
     parser.add_argument("--beta", type=float, default=demo_config().betas[0], help="beta of every method")
@@ -34,10 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from mallowspo.cli.experiment import config_from_args, run_and_report
-
     base = replace(demo_config(), seeds=(args.seed,), betas=(args.beta,))
     config = config_from_args(args, base)
     print(f"mallowspo demo: DPO vs MallowsPO-theta vs MallowsPO-phi in the built-in world -> {args.out}", flush=True)

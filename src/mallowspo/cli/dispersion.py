@@ -88,7 +88,9 @@ def compute_dispersion(model_args, script_args, training_args) -> tuple[Any, dic
     check_model_source(model_args.model_name_or_path)
     split = script_args.dataset_train_split
     raw = load_preference_dataset(script_args.dataset_name, split)  # a bad file fails before the model loads
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
+    )
     ensure_pad_token(tokenizer)
     data_config = training_args.to_data_config()
     dataset, report = prepare_preference_dataset(raw, tokenizer, data_config, name=split)
@@ -101,9 +103,15 @@ def compute_dispersion(model_args, script_args, training_args) -> tuple[Any, dic
     accelerator = Accelerator(mixed_precision=mixed_precision(training_args), cpu=training_args.use_cpu)
     model.to(accelerator.device)
     result = load_or_compute_reference_columns(
-        model, dataset, PreferenceCollator(tokenizer.pad_token_id), accelerator,
+        model,
+        dataset,
+        PreferenceCollator(tokenizer.pad_token_id),
+        accelerator,
         batch_size=training_args.precompute_ref_batch_size or training_args.per_device_train_batch_size,
-        weights=weights, tokenizer=tokenizer, data_settings=data_config, name=split,
+        weights=weights,
+        tokenizer=tokenizer,
+        data_settings=data_config,
+        name=split,
     )
     settings = training_args.dispersion_settings()
     dataset, estimate = with_dispersion(with_columns(dataset, result.columns), settings)
@@ -134,7 +142,12 @@ def per_prompt_table(dataset) -> list[dict[str, Any]]:
     for prompt, value, hbar in zip(dataset["prompt"], dataset["neg_log_phi"], dataset["hbar"]):
         groups.setdefault(prompt, []).append((value, hbar))
     table = [
-        {"prompt": p, "neg_log_phi": float(np.mean([v for v, _ in g])), "hbar": float(np.mean([h for _, h in g])), "pairs": len(g)}
+        {
+            "prompt": p,
+            "neg_log_phi": float(np.mean([v for v, _ in g])),
+            "hbar": float(np.mean([h for _, h in g])),
+            "pairs": len(g),
+        }
         for p, g in groups.items()
     ]
     return sorted(table, key=lambda row: row["neg_log_phi"])
@@ -163,8 +176,10 @@ def _clip(text: str, width: int = 90) -> str:
 def estimator_text(facts: dict[str, Any]) -> str:
     """How -log phi(x) was obtained, in one phrase."""
     if facts["source"] == "entropy":
-        return (f"-log phi(x) = -phi* log Hbar(x) (paper eqs. 10-11), phi* = {facts['phi_star']:.4g} "
-                f"(normalisation `{facts['normalization']}`), clamp {facts['clamp']}")
+        return (
+            f"-log phi(x) = -phi* log Hbar(x) (paper eqs. 10-11), phi* = {facts['phi_star']:.4g} "
+            f"(normalisation `{facts['normalization']}`), clamp {facts['clamp']}"
+        )
     if facts["source"] == "constant":
         return "the same -log phi(x) for every pair (dispersion_source constant)"
     return "-log phi(x) as given in the data (dispersion_source column)"
@@ -181,32 +196,34 @@ def render_report(facts: dict[str, Any], summary: dict[str, Any], table: list[di
     ]
     header = ["| -log phi | Hbar | pairs | prompt |", "|---|---|---|---|"]
     stats = summary["neg_log_phi"]
-    return "\n".join([
-        "# Dispersion report",
-        "",
-        f"Model `{facts['model']}`, data `{facts['dataset']}` (split {facts['split']}), {facts['rows']} pairs.",
-        f"Estimator: {estimator_text(facts)}.",
-        f"Reference pass: {'reused the cache' if facts['cache_reused'] else 'computed'} at `{facts['cache_dir']}`.",
-        "",
-        "![histogram](histogram.png)",
-        "",
-        "| statistic | -log phi(x) | Hbar |",
-        "|---|---|---|",
-        *[f"| {k} | {stats[k]:.4g} | {summary['hbar'][k]:.4g} |" for k in stats if k != "count"],
-        "",
-        f"## Most dispersed prompts (lowest -log phi: many acceptable answers, weaker preference signal)",
-        "",
-        *header,
-        *rows(table[:top]),
-        "",
-        f"## Least dispersed prompts (highest -log phi: one clear answer, stronger preference signal)",
-        "",
-        *header,
-        *rows(reversed(table[-top:])),
-        "",
-        f"Data validation: {_clip(facts['validation'].splitlines()[0], 200)}",
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Dispersion report",
+            "",
+            f"Model `{facts['model']}`, data `{facts['dataset']}` (split {facts['split']}), {facts['rows']} pairs.",
+            f"Estimator: {estimator_text(facts)}.",
+            f"Reference pass: {'reused the cache' if facts['cache_reused'] else 'computed'} at `{facts['cache_dir']}`.",
+            "",
+            "![histogram](histogram.png)",
+            "",
+            "| statistic | -log phi(x) | Hbar |",
+            "|---|---|---|",
+            *[f"| {k} | {stats[k]:.4g} | {summary['hbar'][k]:.4g} |" for k in stats if k != "count"],
+            "",
+            "## Most dispersed prompts (lowest -log phi: many acceptable answers, weaker preference signal)",
+            "",
+            *header,
+            *rows(table[:top]),
+            "",
+            "## Least dispersed prompts (highest -log phi: one clear answer, stronger preference signal)",
+            "",
+            *header,
+            *rows(reversed(table[-top:])),
+            "",
+            f"Data validation: {_clip(facts['validation'].splitlines()[0], 200)}",
+            "",
+        ]
+    )
 
 
 def write_outputs(out: Path, dataset, facts: dict[str, Any], top: int) -> dict[str, Path]:

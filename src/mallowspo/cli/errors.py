@@ -40,7 +40,12 @@ def user_errors() -> Iterator[None]:
 def one_line(error: BaseException) -> str:
     """The error's message on one line (an OSError built as (errno, message) without its '[Errno N]')."""
     text = str(error)
-    if isinstance(error, OSError) and error.strerror and error.filename is None and error.args[1:] == (error.strerror,):
+    if (
+        isinstance(error, OSError)
+        and error.strerror
+        and error.filename is None
+        and error.args[1:] == (error.strerror,)
+    ):
         text = error.strerror
     return " ".join(line.strip() for line in text.splitlines() if line.strip()) or type(error).__name__
 

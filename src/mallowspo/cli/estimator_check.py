@@ -7,12 +7,18 @@ from __future__ import annotations
 import argparse
 import time
 
+from mallowspo.experiments.estimator_check import run_estimator_check, write_outputs
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=10, help="number of ranked items (default 10)")
     parser.add_argument("--samples", type=int, default=2000, help="rankings drawn per grid point (default 2000)")
     parser.add_argument(
-        "--grid-points", type=int, default=26, help="values of the true -log phi, evenly spaced on [0, 5] (default 26)"
+        "--grid_points",
+        "--grid-points",
+        type=int,
+        default=26,
+        help="values of the true -log phi, evenly spaced on [0, 5] (default 26)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
@@ -21,8 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mallowspo.experiments.estimator_check import run_estimator_check, write_outputs
-
     start = time.perf_counter()
     result = run_estimator_check(n=args.n, samples=args.samples, grid_points=args.grid_points, seed=args.seed)
     paths = write_outputs(result, args.out)

@@ -14,6 +14,16 @@ import argparse
 import time
 from dataclasses import replace
 
+from mallowspo.experiments.controllable import (
+    FAMILY_CHOICES,
+    METHODS,
+    ControllableConfig,
+    load_results,
+    run_controllable,
+    verdict_lines,
+    write_outputs,
+)
+
 
 def _floats(text: str) -> tuple[float, ...]:
     try:
@@ -33,24 +43,67 @@ def add_budget_arguments(parser: argparse.ArgumentParser, defaults) -> None:
     """The training and evaluation budget of a controllable run (shared with `mallowspo demo`);
     ``defaults`` is the ``ControllableConfig`` whose values are the defaults."""
     g = parser.add_argument_group("budget (the same for every method)")
-    g.add_argument("--steps", type=int, default=defaults.max_steps, help=f"optimizer steps per run (default {defaults.max_steps})")
-    g.add_argument("--batch_size", "--batch-size", type=int, default=defaults.batch_size,
-                   help=f"pairs per step (default {defaults.batch_size})")
-    g.add_argument("--lr", type=float, default=defaults.learning_rate, help=f"AdamW learning rate (default {defaults.learning_rate:g})")
-    g.add_argument("--eval_points", "--eval-points", type=int, default=defaults.eval_points,
-                   help=f"evaluated checkpoints, step 0 and the last included (default {defaults.eval_points})")
-    g.add_argument("--eval_prompts", "--eval-prompts", type=int, default=defaults.eval_prompts,
-                   help=f"held-out prompts sampled from (default {defaults.eval_prompts})")
-    g.add_argument("--samples", type=int, default=defaults.samples_per_prompt,
-                   help=f"samples per held-out prompt (default {defaults.samples_per_prompt})")
-    g.add_argument("--eval_pairs", "--eval-pairs", type=int, default=defaults.eval_pairs,
-                   help="held-out pairs for the accuracy (default: all)")
-    g.add_argument("--train_rows", "--train-rows", type=int, default=defaults.train_rows,
-                   help="cap on training pairs (default: all)")
-    g.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=defaults.max_new_tokens,
-                   help=f"sampling budget per response (default {defaults.max_new_tokens})")
+    g.add_argument(
+        "--steps", type=int, default=defaults.max_steps, help=f"optimizer steps per run (default {defaults.max_steps})"
+    )
+    g.add_argument(
+        "--batch_size",
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help=f"pairs per step (default {defaults.batch_size})",
+    )
+    g.add_argument(
+        "--lr",
+        type=float,
+        default=defaults.learning_rate,
+        help=f"AdamW learning rate (default {defaults.learning_rate:g})",
+    )
+    g.add_argument(
+        "--eval_points",
+        "--eval-points",
+        type=int,
+        default=defaults.eval_points,
+        help=f"evaluated checkpoints, step 0 and the last included (default {defaults.eval_points})",
+    )
+    g.add_argument(
+        "--eval_prompts",
+        "--eval-prompts",
+        type=int,
+        default=defaults.eval_prompts,
+        help=f"held-out prompts sampled from (default {defaults.eval_prompts})",
+    )
+    g.add_argument(
+        "--samples",
+        type=int,
+        default=defaults.samples_per_prompt,
+        help=f"samples per held-out prompt (default {defaults.samples_per_prompt})",
+    )
+    g.add_argument(
+        "--eval_pairs",
+        "--eval-pairs",
+        type=int,
+        default=defaults.eval_pairs,
+        help="held-out pairs for the accuracy (default: all)",
+    )
+    g.add_argument(
+        "--train_rows",
+        "--train-rows",
+        type=int,
+        default=defaults.train_rows,
+        help="cap on training pairs (default: all)",
+    )
+    g.add_argument(
+        "--max_new_tokens",
+        "--max-new-tokens",
+        type=int,
+        default=defaults.max_new_tokens,
+        help=f"sampling budget per response (default {defaults.max_new_tokens})",
+    )
     g.add_argument("--jobs", type=int, default=1, help="runs trained at a time, in worker processes (default 1)")
-    g.add_argument("--world", default=None, help="world directory (default: mallowspo.experiments.world.ensure_world())")
+    g.add_argument(
+        "--world", default=None, help="world directory (default: mallowspo.experiments.world.ensure_world())"
+    )
 
 
 def config_from_args(args: argparse.Namespace, base):
@@ -72,7 +125,6 @@ def config_from_args(args: argparse.Namespace, base):
 
 def run_and_report(config, out: str, world: str | None, jobs: int, title: str) -> int:
     """Run the controllable pipeline, write its outputs, print where they are and the verdict."""
-    from mallowspo.experiments.controllable import run_controllable, verdict_lines, write_outputs
 
     start = time.perf_counter()
     results = run_controllable(config, out, world_root=world, jobs=jobs)
@@ -84,8 +136,6 @@ def run_and_report(config, out: str, world: str | None, jobs: int, title: str) -
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from mallowspo.experiments.controllable import FAMILY_CHOICES, METHODS, ControllableConfig
-
     experiments = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT", required=True)
     p = experiments.add_parser(
         "controllable",
@@ -96,18 +146,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = ControllableConfig()
     p.add_argument("--seeds", type=int, default=3, help="number of seeds: 0..N-1 (default 3)")
     p.add_argument("--betas", type=_floats, default=defaults.betas, help="comma-separated betas (default 0.1)")
-    p.add_argument("--family", choices=FAMILY_CHOICES, default="mix",
-                   help="train and evaluate on closed prompts, open prompts, or both (default mix)")
-    p.add_argument("--methods", type=_names, default=defaults.methods, help=f"subset of {','.join(METHODS)} (default all)")
+    p.add_argument(
+        "--family",
+        choices=FAMILY_CHOICES,
+        default="mix",
+        help="train and evaluate on closed prompts, open prompts, or both (default mix)",
+    )
+    p.add_argument(
+        "--methods", type=_names, default=defaults.methods, help=f"subset of {','.join(METHODS)} (default all)"
+    )
     p.add_argument("--out", default=None, help="output directory (default runs/controllable-FAMILY)")
-    p.add_argument("--report_only", "--report-only", action="store_true",
-                   help="redraw the report and figures from OUT/results.json")
+    p.add_argument(
+        "--report_only",
+        "--report-only",
+        action="store_true",
+        help="redraw the report and figures from OUT/results.json",
+    )
     add_budget_arguments(p, defaults)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mallowspo.experiments.controllable import ControllableConfig, load_results, write_outputs
-
     out = args.out or f"runs/controllable-{args.family}"
     if args.report_only:
         paths = write_outputs(load_results(out), out)
@@ -115,6 +173,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")
-    base = ControllableConfig(seeds=tuple(range(args.seeds)), betas=args.betas, methods=args.methods, family=args.family)
+    base = ControllableConfig(
+        seeds=tuple(range(args.seeds)), betas=args.betas, methods=args.methods, family=args.family
+    )
     config = config_from_args(args, base)
     return run_and_report(config, out, args.world, args.jobs, "experiment controllable")

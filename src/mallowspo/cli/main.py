@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        print("error: interrupted (a training run resumes from its last checkpoint: --resume_from_checkpoint last)",
-              file=sys.stderr)
+        print(
+            "error: interrupted (a training run resumes from its last checkpoint: --resume_from_checkpoint last)",
+            file=sys.stderr,
+        )
         return 130
     except Exception as error:  # noqa: BLE001 - user errors become one line; the rest re-raise
         if debug and isinstance(error, UserError) and error.__cause__ is not None:
@@ -99,4 +101,3 @@ def _run(argv: list[str]) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
     return int(module.run(args) or 0)
-

@@ -63,7 +63,9 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 def check_keys(values: dict[str, Any], known: set[str], where: str) -> None:
     unknown = sorted(set(values) - known)
     if unknown:
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k for k in unknown]
+        hints = [
+            f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k for k in unknown
+        ]
         raise ValueError(f"unknown keys in {where}: {', '.join(hints)}; see `mallowspo train --show_fields`")
 
 

@@ -71,7 +71,13 @@ def resolve_accelerate_config(name_or_path: str) -> Path:
 
 def accelerate_command(args: argparse.Namespace) -> list[str]:
     """`accelerate launch --config_file F [--num_processes N] -m mallowspo.cli train ...` (same interpreter)."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(resolve_accelerate_config(args.accelerate_config))]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(resolve_accelerate_config(args.accelerate_config)),
+    ]
     if args.num_processes:
         command += ["--num_processes", str(args.num_processes)]
     command += ["-m", "mallowspo.cli", "train"]
@@ -154,8 +160,17 @@ def train(model_args, script_args, training_args):
     return fit(*build_trainer(model_args, script_args, training_args))
 
 
-SUMMARY_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "eval_loss", "eval_rewards/accuracies",
-                   "mallows/neg_log_phi_mean", "mallows/neg_log_phi_min", "mallows/neg_log_phi_max", "train_runtime")
+SUMMARY_METRICS = (
+    "loss",
+    "rewards/accuracies",
+    "rewards/margins",
+    "eval_loss",
+    "eval_rewards/accuracies",
+    "mallows/neg_log_phi_mean",
+    "mallows/neg_log_phi_min",
+    "mallows/neg_log_phi_max",
+    "train_runtime",
+)
 
 
 def format_metrics(metrics: dict[str, float]) -> str:

@@ -1,6 +1,6 @@
 """`mallowspo world`: build the built-in world (base model, tokenizer, preference data).
 
-    mallowspo world build [--out DIR] [--seed S] [--data-seed S] [--no-data] [--mini]
+    mallowspo world build [--out DIR] [--seed S] [--data_seed S] [--no_data] [--mini]
     mallowspo world data  [--world DIR] [--seed S] [--out DIR] [--responses K]
     mallowspo world info  [--world DIR]
 
@@ -8,7 +8,7 @@
 world's model. Both write to the user world directory ($MALLOWSPO_WORLD_DIR, else
 ~/.cache/mallowspo/world), which the library then uses instead of the shipped world;
 `data --out DIR` writes only the data files to DIR. To refresh the world shipped with the
-package, from a source checkout: `mallowspo world build --out src/mallowspo/world/assets`.
+package, from a source checkout: `mallowspo world build --out src/mallowspo/experiments/world/assets`.
 """
 
 from __future__ import annotations
@@ -18,6 +18,12 @@ import json
 import shutil
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
+from mallowspo.experiments.world.build import WorldConfig, build_world_model
+from mallowspo.experiments.world.data import WorldDataConfig, generate_preference_data
+from mallowspo.experiments.world.paths import ASSETS_DIR, WorldPaths, locate_world, user_world_dir
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -25,8 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     build = actions.add_parser("build", help="rebuild the world from scratch: corpus, tokenizer, base model, data")
     build.add_argument("--out", type=Path, default=None, help="world directory (default: the user world directory)")
     build.add_argument("--seed", type=int, default=0, help="seed of the title split, corpus and training (default 0)")
-    build.add_argument("--data-seed", type=int, default=0, help="seed of the preference data (default 0)")
-    build.add_argument("--no-data", action="store_true", help="build the model only")
+    build.add_argument(
+        "--data_seed", "--data_seed", type=int, default=0, help="seed of the preference data (default 0)"
+    )
+    build.add_argument("--no_data", "--no_data", action="store_true", help="build the model only")
     build.add_argument("--mini", action="store_true", help="a miniature world (seconds; for tests and smoke runs)")
 
     data = actions.add_parser("data", help="redraw the preference data from a built world's base model")
@@ -40,16 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from transformers.utils import logging as hf_logging
-
-    from mallowspo.experiments.world.paths import ASSETS_DIR, WorldPaths, locate_world, user_world_dir
-
     hf_logging.disable_progress_bar()
 
     if args.action == "build":
-        from mallowspo.experiments.world.build import WorldConfig, build_world_model
-        from mallowspo.experiments.world.data import WorldDataConfig, generate_preference_data
-
         root = args.out if args.out is not None else user_world_dir()
         config = WorldConfig.mini(seed=args.seed) if args.mini else WorldConfig(seed=args.seed)
         build_world_model(root, config)
@@ -59,8 +60,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     if args.action == "data":
-        from mallowspo.experiments.world.data import WorldDataConfig, generate_preference_data
-
         source = WorldPaths(args.world) if args.world is not None else locate_world()
         if args.world is None and not source.has_model():  # an empty user directory: use the shipped model
             source = WorldPaths(ASSETS_DIR)

@@ -95,7 +95,7 @@ def run_estimator_check(
     if samples < 1:
         raise ValueError(f"--samples must be >= 1, got {samples}")
     if grid_points < 3:
-        raise ValueError(f"--grid-points must be >= 3 to compute correlations, got {grid_points}")
+        raise ValueError(f"grid_points must be >= 3 to compute correlations, got {grid_points}")
     rng = np.random.default_rng(seed)
     truth = np.linspace(0.0, MAX_NEG_LOG_PHI, grid_points)
     hw, hl, pop = [], [], []
@@ -145,12 +145,21 @@ def _plot(result: EstimatorCheckResult, path: Path) -> None:
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.6))
     ax.plot([0, MAX_NEG_LOG_PHI], [0, MAX_NEG_LOG_PHI], color="0.6", ls="--", label="diagonal (perfect estimate)")
     ax.plot(truth, result.phi_star_mean * raw, "o", ms=4, label=f"phi* = {result.phi_star_mean:.3f} (mean)")
-    ax.plot(truth, result.phi_star_lsq * raw, "s", ms=3, mfc="none", label=f"phi* = {result.phi_star_lsq:.3f} (least squares)")
+    ax.plot(
+        truth,
+        result.phi_star_lsq * raw,
+        "s",
+        ms=3,
+        mfc="none",
+        label=f"phi* = {result.phi_star_lsq:.3f} (least squares)",
+    )
     ax.plot(truth, result.phi_star_mean * pop_raw, "-", lw=1, color="C0", alpha=0.6, label="population, phi* (mean)")
     ax.set_xlabel("true -log phi")
     ax.set_ylabel("estimate  -phi* log Hbar")
-    ax.set_title(f"Fig. 3 check: n={result.n}, {result.samples} draws/point\n"
-                 f"Spearman {result.spearman:.3f}, Pearson {result.pearson:.3f}")
+    ax.set_title(
+        f"Fig. 3 check: n={result.n}, {result.samples} draws/point\n"
+        f"Spearman {result.spearman:.3f}, Pearson {result.pearson:.3f}"
+    )
     ax.legend(fontsize=8)
     bx.plot(truth, result.winner_entropy, ".", label="winner (top item)")
     bx.plot(truth, result.loser_entropy, "x", ms=4, label="loser (bottom item)")

@@ -26,7 +26,6 @@ def is_complete_checkpoint(path: str | Path) -> bool:
     return True
 
 
-
 def resolve_checkpoint(checkpoint: str | bool, output_dir: str | Path) -> str:
     """The checkpoint directory to resume from.
 
@@ -41,8 +40,10 @@ def resolve_checkpoint(checkpoint: str | bool, output_dir: str | Path) -> str:
         for path in sorted(numbered, key=lambda p: int(p.name.split("-")[-1]), reverse=True):
             if is_complete_checkpoint(path):
                 if skipped:
-                    logger.warning("skipping incomplete checkpoints (a run stopped while saving them): %s",
-                                   ", ".join(str(p) for p in skipped))
+                    logger.warning(
+                        "skipping incomplete checkpoints (a run stopped while saving them): %s",
+                        ", ".join(str(p) for p in skipped),
+                    )
                 return str(path)
             skipped.append(path)
         found = f" ({len(skipped)} incomplete: {', '.join(p.name for p in skipped)})" if skipped else ""
@@ -59,4 +60,3 @@ def resolve_checkpoint(checkpoint: str | bool, output_dir: str | Path) -> str:
             "saving it. Resume from an earlier checkpoint (--resume_from_checkpoint last skips incomplete ones)."
         )
     return str(path)
-

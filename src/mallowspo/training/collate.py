@@ -46,9 +46,7 @@ class PreferenceCollator:
             for row in rows:
                 prompt, completion = row["prompt_input_ids"], row[side]
                 sequences.append(torch.tensor(list(prompt) + list(completion), dtype=torch.long))
-                completion_masks.append(
-                    torch.tensor([0] * len(prompt) + [1] * len(completion), dtype=torch.long)
-                )
+                completion_masks.append(torch.tensor([0] * len(prompt) + [1] * len(completion), dtype=torch.long))
         batch = {
             "input_ids": pad(sequences, padding_value=self.pad_token_id),
             "attention_mask": pad([torch.ones_like(s) for s in sequences], padding_value=0),

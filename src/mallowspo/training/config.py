@@ -61,7 +61,9 @@ class MallowsPOConfig(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
     remove_unused_columns: bool = field(
         default=False,
-        metadata={"help": "Keep the dataset columns the trainer needs (reference log-probs, dispersion); leave False."},
+        metadata={
+            "help": "Keep the dataset columns the trainer needs (reference log-probs, dispersion); leave False."
+        },
     )
 
     # ---- objective ----
@@ -74,7 +76,9 @@ class MallowsPOConfig(TrainingArguments):
     )
     mallows: str = field(
         default="phi",
-        metadata={"help": f"Mallows variant, one of {MALLOWS_VARIANTS}: none (base method), theta (eq. 8), phi (eq. 9)."},
+        metadata={
+            "help": f"Mallows variant, one of {MALLOWS_VARIANTS}: none (base method), theta (eq. 8), phi (eq. 9)."
+        },
     )
     phi_smoothing: str = field(
         default="cubic",
@@ -82,7 +86,9 @@ class MallowsPOConfig(TrainingArguments):
     )
     smoothing_eps: str = field(
         default="0.1",
-        metadata={"help": "Half-width of the cubic patch: a number (default 0.1, the paper's) or 'adaptive' (= -2 log phi(x))."},
+        metadata={
+            "help": "Half-width of the cubic patch: a number (default 0.1, the paper's) or 'adaptive' (= -2 log phi(x))."
+        },
     )
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target margin gamma (reward units)."})
     length_normalize: bool | None = field(
@@ -164,7 +170,11 @@ class MallowsPOConfig(TrainingArguments):
                 f"dispersion_column={self.dispersion_column!r})"
             )
         self.to_data_config()
-        if self.max_length is not None and self.max_prompt_length is not None and self.max_length <= self.max_prompt_length:
+        if (
+            self.max_length is not None
+            and self.max_prompt_length is not None
+            and self.max_length <= self.max_prompt_length
+        ):
             raise ValueError(
                 f"max_length ({self.max_length}) must exceed max_prompt_length ({self.max_prompt_length}) "
                 "to leave room for the completion"
@@ -216,8 +226,11 @@ class MallowsPOConfig(TrainingArguments):
 
 def ignored_settings(args: MallowsPOConfig) -> list[str]:
     """One warning per setting that differs from its default but that the chosen mode ignores."""
-    defaults = {f.name: (f.default if f.default_factory is dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(MallowsPOConfig) if f.name in _MODE_SETTINGS}
+    defaults = {
+        f.name: (f.default if f.default_factory is dataclasses.MISSING else f.default_factory())
+        for f in dataclasses.fields(MallowsPOConfig)
+        if f.name in _MODE_SETTINGS
+    }
     changed = [name for name in _MODE_SETTINGS if _normalized(getattr(args, name)) != _normalized(defaults[name])]
     warnings = []
     for name in changed:
@@ -229,8 +242,14 @@ def ignored_settings(args: MallowsPOConfig) -> list[str]:
 
 # Settings that only some modes read, and the setting that decides.
 _MODE_SETTINGS = (
-    "phi_smoothing", "smoothing_eps", "simpo_gamma", "dispersion_source", "dispersion_normalization",
-    "dispersion_clamp", "dispersion_constant", "dispersion_column",
+    "phi_smoothing",
+    "smoothing_eps",
+    "simpo_gamma",
+    "dispersion_source",
+    "dispersion_normalization",
+    "dispersion_clamp",
+    "dispersion_constant",
+    "dispersion_column",
 )
 
 
@@ -291,7 +310,12 @@ class ModelArguments:
             )
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        lora_changed = (self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target_modules) != (16, 32, 0.05, None)
+        lora_changed = (self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target_modules) != (
+            16,
+            32,
+            0.05,
+            None,
+        )
         if lora_changed and not self.use_peft:
             logger.warning("LoRA options are set but use_peft is false: training all weights, LoRA options ignored")
         if self.use_peft and importlib.util.find_spec("peft") is None:
@@ -320,7 +344,9 @@ class ScriptArguments:
 
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Preference data: a local JSON/JSONL/Parquet file or directory, or a hub id (alias: dataset_path)."},
+        metadata={
+            "help": "Preference data: a local JSON/JSONL/Parquet file or directory, or a hub id (alias: dataset_path)."
+        },
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str | None = field(

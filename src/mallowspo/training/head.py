@@ -85,7 +85,9 @@ def _score_rows(
         hi = min(lo + step, rows)
         h = hidden[lo:hi].to(dtype)
         out = logits_buffer[: hi - lo]
-        logits = (torch.addmm(bias, h, weight_t, out=out) if bias is not None else torch.mm(h, weight_t, out=out)).to(exact)
+        logits = (torch.addmm(bias, h, weight_t, out=out) if bias is not None else torch.mm(h, weight_t, out=out)).to(
+            exact
+        )
         target_logits = logits.gather(1, targets[lo:hi, None]).squeeze(1)
         row_max = logits.amax(dim=-1, keepdim=True)
         shifted = logits.sub_(row_max)  # z - m, in place
@@ -149,9 +151,7 @@ def completion_log_probs(
 
     With gradients, exp(z - max) of every row is kept for the backward ((rows, vocab)
     float32); without them (a reference pass) only one row chunk is alive at a time."""
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (hidden, weight, bias)
-    )
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad:
         return _CompletionLogProbs.apply(hidden, weight, bias, targets, with_entropy)
     with torch.no_grad():

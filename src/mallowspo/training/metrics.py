@@ -77,7 +77,6 @@ class MetricAccumulator:
         return out
 
 
-
 def non_finite_message(names: list[str], stacked: torch.Tensor, step: int, training: bool) -> str:
     """Why training stops instead of logging NaN: which metrics, how many pairs, the usual causes."""
     bad = ~torch.isfinite(stacked)

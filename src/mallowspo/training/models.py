@@ -56,7 +56,6 @@ def check_model_source(name_or_path: str) -> None:
         )
 
 
-
 def load_causal_lm(
     name_or_path: str, dtype: str = "auto", trust_remote_code: bool = False, attn_implementation: str | None = None
 ) -> PreTrainedModel:
@@ -92,14 +91,12 @@ def ensure_pad_token(tokenizer: Any) -> None:
     logger.warning("the tokenizer has no pad token: using its EOS token %r as the pad token", tokenizer.eos_token)
 
 
-
 def is_peft_model(model: torch.nn.Module) -> bool:
     try:
         from peft import PeftModel
     except ImportError:
         return False
     return isinstance(model, PeftModel)
-
 
 
 def wrap_with_peft(model: PreTrainedModel, peft_config: Any, activation_checkpointing: bool) -> torch.nn.Module:
@@ -109,7 +106,6 @@ def wrap_with_peft(model: PreTrainedModel, peft_config: Any, activation_checkpoi
     if activation_checkpointing:
         model.enable_input_require_grads()  # LoRA with checkpointing needs grads on the embeddings' output
     return get_peft_model(model, peft_config)
-
 
 
 def prepare_models(

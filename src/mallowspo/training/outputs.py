@@ -78,8 +78,9 @@ def render_model_card(facts: dict[str, Any]) -> str:
     method = method_name(config["loss_type"], config["mallows"])
     lines = [
         "---",
-        yaml.safe_dump({"library_name": "transformers", "tags": ["mallowspo", "preference-optimization", method]},
-                       sort_keys=False).strip(),
+        yaml.safe_dump(
+            {"library_name": "transformers", "tags": ["mallowspo", "preference-optimization", method]}, sort_keys=False
+        ).strip(),
         "---",
         "",
         f"# {facts.get('model_name', 'Model')} fine-tuned with {method}",
@@ -117,9 +118,12 @@ def render_model_card(facts: dict[str, Any]) -> str:
         lines.append("No dispersion was computed (no reference pass ran for this objective).")
     else:
         lines += [
-            f"- source: `{dispersion['source']}`" + (
+            f"- source: `{dispersion['source']}`"
+            + (
                 f", phi* = {_fmt(dispersion['phi_star'])} (normalisation `{dispersion['normalization']}`), "
-                f"clamp {dispersion['clamp']}" if dispersion["source"] == "entropy" else ""
+                f"clamp {dispersion['clamp']}"
+                if dispersion["source"] == "entropy"
+                else ""
             ),
             f"- entropy model: {dispersion.get('entropy_model', 'the reference model')}",
             "- per-example values: `dispersion.jsonl` (row_index, prompt, hbar, neg_log_phi, mean entropies)",
@@ -132,9 +136,17 @@ def render_model_card(facts: dict[str, Any]) -> str:
     if metrics:
         lines += ["", "## Last logged metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {key} | {_fmt(value)} |" for key, value in metrics.items()]
-    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-              "model = AutoModelForCausalLM.from_pretrained(PATH)", "tokenizer = AutoTokenizer.from_pretrained(PATH)",
-              "```", ""]
+    lines += [
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "model = AutoModelForCausalLM.from_pretrained(PATH)",
+        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -193,7 +205,6 @@ def output_bytes_needed(model: torch.nn.Module, args: Any) -> int:
     return weights * (1 if args.save_strategy == "no" else 2)
 
 
-
 def check_output_dir(output_dir: str | Path, needed_bytes: int = 0) -> None:
     """Fail before any work when ``output_dir`` cannot be created or written, or when its disk
     has less than ``needed_bytes`` free. Raises NotADirectoryError, PermissionError or OSError
@@ -226,4 +237,3 @@ def check_output_dir(output_dir: str | Path, needed_bytes: int = 0) -> None:
             f"{needed_bytes / 2**20:.1f} MiB (the saved model, and a checkpoint). Free some space or choose another "
             "--output_dir",
         )
-

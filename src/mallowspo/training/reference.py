@@ -48,8 +48,8 @@ from tqdm.auto import tqdm
 from trl.trainer.utils import hash_module
 
 from mallowspo.dispersion import DispersionEstimate, DispersionSource, dispersion_estimate, normalized_entropy
-from mallowspo.training.data import TOKEN_COLUMNS
 from mallowspo.training.collate import PreferenceCollator, split_pairs
+from mallowspo.training.data import TOKEN_COLUMNS
 from mallowspo.training.scoring import output_vocab_size, score_completions
 
 logger = logging.getLogger(__name__)
@@ -203,8 +203,9 @@ def read_cache(path: Path) -> dict[str, np.ndarray] | None:
         with np.load(path / "columns.npz") as stored:
             columns = {name: stored[name] for name in REFERENCE_COLUMNS}
     except Exception as error:  # noqa: BLE001 - any damage (JSON, zip, missing array) means: recompute
-        logger.warning("reference cache entry %s is unreadable (%s: %s); recomputing it",
-                       path, type(error).__name__, error)
+        logger.warning(
+            "reference cache entry %s is unreadable (%s: %s); recomputing it", path, type(error).__name__, error
+        )
         return None
     if any(len(values) != rows for values in columns.values()):
         logger.warning("reference cache entry %s is incomplete (not %d rows per column); recomputing it", path, rows)
@@ -291,7 +292,10 @@ def load_or_compute_reference_columns(
     if dataclasses.is_dataclass(data_settings):
         data_settings = dataclasses.asdict(data_settings)
     key, components = reference_cache_key(
-        token_fingerprint(dataset), weights, tokenizer_fingerprint(tokenizer), data_settings,
+        token_fingerprint(dataset),
+        weights,
+        tokenizer_fingerprint(tokenizer),
+        data_settings,
         str(accelerator.mixed_precision),
     )
     shared = [key, components]
@@ -308,11 +312,22 @@ def load_or_compute_reference_columns(
             return ReferenceResult(columns, path, reused=True)
 
     damaged = path.exists()  # an entry is there but could not be used: replace it
-    logger.info("reference pass (%s): computing for %d rows (no %scache entry for key %s)", name, len(dataset),
-                "usable " if damaged else "", key)
+    logger.info(
+        "reference pass (%s): computing for %d rows (no %scache entry for key %s)",
+        name,
+        len(dataset),
+        "usable " if damaged else "",
+        key,
+    )
     columns = compute_reference_columns(
-        model, dataset, collator, accelerator, batch_size, output_vocab_size(model),
-        reference_context=reference_context, desc=f"reference pass ({name})",
+        model,
+        dataset,
+        collator,
+        accelerator,
+        batch_size,
+        output_vocab_size(model),
+        reference_context=reference_context,
+        desc=f"reference pass ({name})",
     )
     check_finite_columns(columns, dataset, name)
     if accelerator.is_main_process:
@@ -322,8 +337,13 @@ def load_or_compute_reference_columns(
             write_cache_atomically(path, columns, components)
             logger.info("reference pass (%s): cached at %s", name, path)
         except OSError as error:  # the cache only saves time: go on without it
-            logger.warning("reference pass (%s): could not cache the results at %s (%s); continuing without the "
-                           "cache (set MALLOWSPO_CACHE to a writable directory)", name, path, error)
+            logger.warning(
+                "reference pass (%s): could not cache the results at %s (%s); continuing without the "
+                "cache (set MALLOWSPO_CACHE to a writable directory)",
+                name,
+                path,
+                error,
+            )
     accelerator.wait_for_everyone()
     return ReferenceResult(columns, path, reused=False)
 

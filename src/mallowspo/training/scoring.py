@@ -12,7 +12,6 @@ import torch
 from mallowspo.dispersion import mean_completion_entropy
 
 
-
 @dataclass
 class CompletionScores:
     """Per-sequence scores of a concatenated batch, each (2B,): chosen rows first.

@@ -117,7 +117,9 @@ class MallowsPOTrainer(Trainer):
             eval_dataset = self._tokenize(eval_dataset, "eval", processing_class)
 
         # Hashed before a LoRA adapter is added: a LoRA run shares the cache of its base model.
-        weights = weights_fingerprint(ref_model if ref_model is not None else model) if args.runs_reference_pass else ""
+        weights = (
+            weights_fingerprint(ref_model if ref_model is not None else model) if args.runs_reference_pass else ""
+        )
         model, ref_model, self._reference_kind = prepare_models(model, ref_model, args, peft_config)
         if args.should_save:  # before the reference pass and training: fail now, not at the first save
             check_output_dir(args.output_dir, output_bytes_needed(model, args))
@@ -139,8 +141,11 @@ class MallowsPOTrainer(Trainer):
         self.ref_model = self._place_reference(ref_model)
         logger.info("reference: %s", REFERENCE_KINDS[self._reference_kind])
         if args.reference_free and args.runs_reference_pass:
-            logger.info("%s is reference-free: the dispersion entropy comes from %s",
-                        args.loss_type, REFERENCE_KINDS[self._reference_kind])
+            logger.info(
+                "%s is reference-free: the dispersion entropy comes from %s",
+                args.loss_type,
+                REFERENCE_KINDS[self._reference_kind],
+            )
         self.reference_results: dict[str, ReferenceResult] = {}
         self.phi_star: float | None = None
         self._add_reference_columns_to_splits(weights)
@@ -210,9 +215,16 @@ class MallowsPOTrainer(Trainer):
                 self.args.per_device_train_batch_size if name == "train" else self.args.per_device_eval_batch_size
             )
             result = load_or_compute_reference_columns(
-                model, dataset, self.data_collator, self.accelerator,
-                batch_size=batch_size, weights=weights, tokenizer=self.processing_class,
-                data_settings=self._data_config, reference_context=self._reference_context, name=name,
+                model,
+                dataset,
+                self.data_collator,
+                self.accelerator,
+                batch_size=batch_size,
+                weights=weights,
+                tokenizer=self.processing_class,
+                data_settings=self._data_config,
+                reference_context=self._reference_context,
+                name=name,
             )
             self.reference_results[name] = result
             dataset = with_columns(dataset, result.columns)
@@ -235,7 +247,9 @@ class MallowsPOTrainer(Trainer):
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
         model = self.ref_model if self.ref_model is not None else self.model
         checkpointing = (  # a no-grad forward through checkpointed layers only warns: switch it off meanwhile
-            disable_gradient_checkpointing(self.accelerator.unwrap_model(self.model), self.args.activation_checkpointing_kwargs)
+            disable_gradient_checkpointing(
+                self.accelerator.unwrap_model(self.model), self.args.activation_checkpointing_kwargs
+            )
             if self.args.activation_checkpointing and self.ref_model is None
             else nullcontext()
         )
@@ -287,7 +301,9 @@ class MallowsPOTrainer(Trainer):
         stacked = self.accelerator.gather_for_metrics(torch.stack(columns, dim=1))
         accumulator = self._metrics["train" if model.training else "eval"]
         if not accumulator.update(names, stacked):  # every process sees the same gathered values; loss checked too
-            raise FloatingPointError(non_finite_message(names + ["loss"], stacked, self.state.global_step, model.training))
+            raise FloatingPointError(
+                non_finite_message(names + ["loss"], stacked, self.state.global_step, model.training)
+            )
 
     # ---- Trainer hooks ----------------------------------------------------------------
 
@@ -305,7 +321,9 @@ class MallowsPOTrainer(Trainer):
             logs.update(self._metrics["train"].pop())
         super().log(logs, start_time)
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
         """The Trainer's loop, plus the pooled metrics of the evaluated examples under ``{prefix}_``."""
         self._metrics["eval"].reset()
         output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
@@ -360,7 +378,9 @@ class MallowsPOTrainer(Trainer):
         """The facts ``render_model_card`` formats."""
         model_meta = self.run_metadata.get("model", {})
         data_meta = self.run_metadata.get("data", {})
-        base = model_meta.get("model_name_or_path") or get_config_model_id(self.accelerator.unwrap_model(self.model).config)
+        base = model_meta.get("model_name_or_path") or get_config_model_id(
+            self.accelerator.unwrap_model(self.model).config
+        )
         facts: dict[str, Any] = {
             "model_name": Path(self.args.output_dir).name,
             "base_model": base,

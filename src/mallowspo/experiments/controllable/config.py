@@ -34,7 +34,9 @@ class ControllableConfig:
     # training budget, identical for every method
     max_steps: int = 150
     batch_size: int = 16
-    learning_rate: float = 3e-5  # = cli/defaults.py WORLD_LEARNING_RATE; at 1e-4 the closed answers garble within 100 steps
+    learning_rate: float = (
+        3e-5  # = cli/defaults.py WORLD_LEARNING_RATE; at 1e-4 the closed answers garble within 100 steps
+    )
     warmup_steps: int = 10
     lr_scheduler_type: str = "constant_with_warmup"
     # evaluation

@@ -118,13 +118,17 @@ def evaluate_policy(
 
     chosen = sequence_logps(policy, eval_set.pair_prompt_ids, eval_set.pair_chosen_ids, pad)
     rejected = sequence_logps(policy, eval_set.pair_prompt_ids, eval_set.pair_rejected_ids, pad)
-    margin = beta * ((chosen - np.array(eval_set.ref_chosen_logps)) - (rejected - np.array(eval_set.ref_rejected_logps)))
+    margin = beta * (
+        (chosen - np.array(eval_set.ref_chosen_logps)) - (rejected - np.array(eval_set.ref_rejected_logps))
+    )
     pair_family = np.array(eval_set.pair_families)
 
     def summary(sample_mask: np.ndarray, all_mask: np.ndarray, pair_mask: np.ndarray) -> dict[str, float]:
         return {
             "reward": float(rewards[sample_mask].mean()) if sample_mask.any() else math.nan,
-            "reward_se": float(rewards[sample_mask].std(ddof=1) / math.sqrt(sample_mask.sum())) if sample_mask.sum() > 1 else math.nan,
+            "reward_se": float(rewards[sample_mask].std(ddof=1) / math.sqrt(sample_mask.sum()))
+            if sample_mask.sum() > 1
+            else math.nan,
             "kl": float(log_ratio[sample_mask].mean()) if sample_mask.any() else math.nan,
             "accuracy": float((margin[pair_mask] > 0).mean()) if pair_mask.any() else math.nan,
             "margin": float(margin[pair_mask].mean()) if pair_mask.any() else math.nan,
@@ -187,4 +191,3 @@ class CheckpointEvaluator(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step in self.steps:
             self._record(state.global_step, model)
-

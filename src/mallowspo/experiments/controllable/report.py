@@ -40,8 +40,23 @@ def _draw_curves(ax, entry: dict[str, Any], scope: str) -> None:
         hi = [p[scope]["reward"]["hi"] for p in r["curve"]]
         ax.plot(kl, rw, "o-", ms=4, lw=1.5, color=COLORS[m], label=r["label"])
         if not any(math.isnan(x) for x in lo):
-            ax.errorbar(kl, rw, yerr=[np.subtract(rw, lo), np.subtract(hi, rw)], fmt="none", ecolor=COLORS[m], alpha=0.5, capsize=2)
-        ax.annotate(f"{r['curve'][-1]['step']}", (kl[-1], rw[-1]), fontsize=7, color=COLORS[m], xytext=(3, -9), textcoords="offset points")
+            ax.errorbar(
+                kl,
+                rw,
+                yerr=[np.subtract(rw, lo), np.subtract(hi, rw)],
+                fmt="none",
+                ecolor=COLORS[m],
+                alpha=0.5,
+                capsize=2,
+            )
+        ax.annotate(
+            f"{r['curve'][-1]['step']}",
+            (kl[-1], rw[-1]),
+            fontsize=7,
+            color=COLORS[m],
+            xytext=(3, -9),
+            textcoords="offset points",
+        )
     ax.set_xlabel("KL(pi || pi_ref), nats per response")
     ax.set_ylabel("mean true reward r* (VADER)")
     ax.grid(alpha=0.3)
@@ -58,7 +73,9 @@ def plot_reward_kl(results: dict[str, Any], path: str | Path, dpi: int = 120, sc
     fig, axes = plt.subplots(1, len(betas), figsize=(5.2 * len(betas), 4), squeeze=False)
     for ax, beta in zip(axes[0], betas):
         _draw_curves(ax, results["summary"][beta], scope)
-        ax.set_title(f"beta {beta}: held-out {results['config']['family']} prompts ({_seed_text(results)})", fontsize=9)
+        ax.set_title(
+            f"beta {beta}: held-out {results['config']['family']} prompts ({_seed_text(results)})", fontsize=9
+        )
         ax.legend(fontsize=8, loc="lower right")
     return _save_figure(fig, path, dpi)
 
@@ -92,7 +109,9 @@ def plot_dispersion_vs_truth(results: dict[str, Any], path: str | Path) -> Path:
         ax.plot(truth[mask] + jitter, est[mask], ".", ms=3, alpha=0.35, color=color, label=f"{f} prompts")
     for t, s in d["by_template"].items():
         ax.plot(s["true_neg_log_phi"], s["estimate_mean"], "D", ms=7, mfc="none", color="black")
-        ax.annotate(t, (s["true_neg_log_phi"], s["estimate_mean"]), fontsize=8, xytext=(6, 4), textcoords="offset points")
+        ax.annotate(
+            t, (s["true_neg_log_phi"], s["estimate_mean"]), fontsize=8, xytext=(6, 4), textcoords="offset points"
+        )
     ax.set_xlabel("true -log phi(x) of the prompt's annotators")
     ax.set_ylabel("estimate -phi* log Hbar(x) (trainer, per pair)")
     ax.set_title(
@@ -113,7 +132,9 @@ def plot_dispersion_hist(results: dict[str, Any], path: str | Path) -> Path:
     bins = np.linspace(est.min(), est.max(), 40) if np.ptp(est) > 0 else 10
     for f, color in zip(PROMPT_FAMILIES, ("tab:green", "tab:purple")):
         if (family == f).any():
-            ax.hist(est[family == f], bins=bins, alpha=0.6, color=color, label=f"{f} (mean {est[family == f].mean():.2f})")
+            ax.hist(
+                est[family == f], bins=bins, alpha=0.6, color=color, label=f"{f} (mean {est[family == f].mean():.2f})"
+            )
     ax.axvline(1.0, ls="--", color="0.5", lw=1)
     ax.set_xlabel("estimate of -log phi(x) (train mean = 1)")
     ax.set_ylabel("pairs")
@@ -193,11 +214,15 @@ def verdict_lines(results: dict[str, Any]) -> list[str]:
             if not c["beyond_noise"]:
                 what = f"about the same reward as DPO at equal KL ({kl:.2f} nats): difference {d:+.3f}, within noise ({c['noise']})"
             elif d > 0:
-                what = (f"a higher reward than DPO at equal KL ({kl:.2f} nats): {d:+.3f} ({c['noise']}), i.e. it "
-                        "reaches DPO's reward at a lower KL")
+                what = (
+                    f"a higher reward than DPO at equal KL ({kl:.2f} nats): {d:+.3f} ({c['noise']}), i.e. it "
+                    "reaches DPO's reward at a lower KL"
+                )
             else:
-                what = (f"a lower reward than DPO at equal KL ({kl:.2f} nats): {d:+.3f} ({c['noise']}), i.e. it "
-                        "needs more KL than DPO for the same reward")
+                what = (
+                    f"a lower reward than DPO at equal KL ({kl:.2f} nats): {d:+.3f} ({c['noise']}), i.e. it "
+                    "needs more KL than DPO for the same reward"
+                )
             lines.append(f"{LABELS[m]} has {what}.")
             for fam in PROMPT_FAMILIES:
                 cf = compare_to_dpo(results, beta, m, fam)
@@ -220,10 +245,14 @@ def verdict_lines(results: dict[str, Any]) -> list[str]:
         if all(c["beyond_noise"] and c["diff"]["mean"] > 0 for c in phi_claim):
             lines.append("The paper's claim (MallowsPO-phi: same reward at a lower KL than DPO) **holds** here.")
         elif any(c["beyond_noise"] and c["diff"]["mean"] < 0 for c in phi_claim):
-            lines.append("The paper's claim (MallowsPO-phi: same reward at a lower KL than DPO) is **contradicted** here.")
+            lines.append(
+                "The paper's claim (MallowsPO-phi: same reward at a lower KL than DPO) is **contradicted** here."
+            )
         else:
-            lines.append("The paper's claim (MallowsPO-phi: same reward at a lower KL than DPO) is **not shown** here "
-                         "(at some beta the reward difference at equal KL is within noise).")
+            lines.append(
+                "The paper's claim (MallowsPO-phi: same reward at a lower KL than DPO) is **not shown** here "
+                "(at some beta the reward difference at equal KL is within noise)."
+            )
     d = results["dispersion"]
     lines.append(
         f"The entropy estimate of -log phi(x) ranks prompts by their true dispersion with Spearman "
@@ -234,7 +263,7 @@ def verdict_lines(results: dict[str, Any]) -> list[str]:
 
 
 def table_scopes(results: dict[str, Any]) -> list[str]:
-    """"all" and each family; just "all" when the run has one family (the columns would repeat)."""
+    """ "all" and each family; just "all" when the run has one family (the columns would repeat)."""
     scopes = scopes_of(results["runs"])
     return scopes if len(scopes) > 2 else ["all"]
 
@@ -250,7 +279,7 @@ def _final_table(results: dict[str, Any], beta: str) -> list[str]:
         for s in scopes for k in METRICS
     ]  # fmt: skip
     lines.append("| " + " | ".join(base) + " |")
-    for m, r in entry["methods"].items():
+    for r in entry["methods"].values():
         cells = [r["label"]] + [_fmt(r["final"][s][k], 2 if k == "kl" else 3) for s in scopes for k in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -380,7 +409,10 @@ def report_markdown(results: dict[str, Any]) -> str:
     lines += [f"## Example generations at the last checkpoint (seed {seeds[0]}, beta {c['betas'][0]:g})", ""]
     for m, r in first_run.items():
         lines += [f"**{LABELS[m]}**", ""]
-        lines += [f"- `{e['prompt']}` -> `{e['response'].strip()}` (r* {e['reward']:+.2f})" for e in r["checkpoints"][-1]["examples"]]
+        lines += [
+            f"- `{e['prompt']}` -> `{e['response'].strip()}` (r* {e['reward']:+.2f})"
+            for e in r["checkpoints"][-1]["examples"]
+        ]
         lines.append("")
     lines += [
         "Reproduce: `mallowspo demo --out DIR` (the single-seed demo) or `mallowspo experiment controllable` "

@@ -292,6 +292,7 @@ def world_facts(world) -> dict[str, Any]:
     if world.data_report.is_file():
         report = json.loads(world.data_report.read_text())
         facts["data_rows"] = report.get("rows")
-        facts["chosen_reward_higher"] = {k: v.get("chosen_reward_higher") for k, v in report.get("by_family", {}).items()}
+        facts["chosen_reward_higher"] = {
+            k: v.get("chosen_reward_higher") for k, v in report.get("by_family", {}).items()
+        }
     return facts
-

@@ -98,7 +98,8 @@ def summarize(config: ControllableConfig, runs: list[dict[str, Any]]) -> dict[st
                 point: dict[str, Any] = {"step": step}
                 for scope in scopes:
                     point[scope] = {
-                        k: mean_ci([r["checkpoints"][i][scope][k] for r in rs]) for k in (*METRICS, "unfinished", "reward_se")
+                        k: mean_ci([r["checkpoints"][i][scope][k] for r in rs])
+                        for k in (*METRICS, "unfinished", "reward_se")
                     }
                 curve.append(point)
             entry["methods"][m] = {
@@ -166,4 +167,3 @@ def compare_to_dpo(results: dict[str, Any], beta: str, method: str, scope: str =
         beyond = abs(diff["mean"]) > threshold
         noise = f"one seed; noise threshold 2 SE = {threshold:.3f}"
     return {"diff": diff, "beyond_noise": beyond, "noise": noise, "kl": matched["kl"]}
-

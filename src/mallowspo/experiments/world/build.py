@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from transformers import LlamaForCausalLM
 
-from mallowspo.testing.tiny import tiny_llama_config, train_tokenizer
 from mallowspo.experiments.world.corpus import make_corpus, make_prompts
 from mallowspo.experiments.world.lm import document_nll, encode_document, train_language_model
 from mallowspo.experiments.world.paths import WorldPaths
+from mallowspo.testing.tiny import tiny_llama_config, train_tokenizer
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class WorldConfig:
     storage_dtype: str = "float16"  # weights on disk; loaded back as float32
 
     @classmethod
-    def mini(cls, **overrides) -> "WorldConfig":
+    def mini(cls, **overrides) -> WorldConfig:
         """A miniature world for tests: few titles, a tiny model, a few training steps."""
         fields = dict(
             max_titles=12, docs_closed=2, docs_open=3, heldout_docs=1, hidden_size=32,
@@ -60,7 +60,7 @@ class WorldConfig:
         return cls(**fields)
 
     @classmethod
-    def from_dict(cls, fields: dict) -> "WorldConfig":
+    def from_dict(cls, fields: dict) -> WorldConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in fields.items() if k in known})
 

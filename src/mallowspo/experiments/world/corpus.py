@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 # ----------------------------------------------------------------------------- vocabulary
 # All title, genre, decade and aspect words are absent from VADER's lexicon (score 0), so

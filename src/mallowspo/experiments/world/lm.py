@@ -214,6 +214,8 @@ def sample_responses(
     (without the end token), None for an unfinished sample."""
     prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     eos = tokenizer.eos_token_id
-    flat = sample_completions(model, prompt_ids, num_samples, max_new_tokens, eos, tokenizer.pad_token_id, seed, batch_size)
+    flat = sample_completions(
+        model, prompt_ids, num_samples, max_new_tokens, eos, tokenizer.pad_token_id, seed, batch_size
+    )
     texts = [None if ids is None else tokenizer.decode(ids[:-1], skip_special_tokens=False) for ids in flat]
     return [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(prompts))]

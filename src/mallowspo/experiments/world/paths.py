@@ -59,9 +59,11 @@ class WorldPaths:
         return self.data_dir / "report.json"
 
     def has_model(self) -> bool:
-        return self.manifest.is_file() and (self.model_dir / "config.json").is_file() and (
-            self.model_dir / "model.safetensors"
-        ).is_file()
+        return (
+            self.manifest.is_file()
+            and (self.model_dir / "config.json").is_file()
+            and (self.model_dir / "model.safetensors").is_file()
+        )
 
     def has_data(self) -> bool:
         return self.train_file.is_file() and self.test_file.is_file()

@@ -13,8 +13,8 @@ are built from words VADER scores 0).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import lru_cache
-from typing import Iterable
 
 
 @lru_cache(maxsize=1)
@@ -22,9 +22,7 @@ def _analyzer():
     try:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "the built-in world's reward needs vaderSentiment: pip install 'mallowspo[world]'"
-        ) from e
+        raise ImportError("the built-in world's reward needs vaderSentiment: pip install 'mallowspo[world]'") from e
     return SentimentIntensityAnalyzer()
 
 

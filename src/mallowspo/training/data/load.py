@@ -23,6 +23,7 @@ DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", 
 # error messages. Weak keys: entries vanish with the datasets.
 _SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+
 def load_preference_dataset(source: str | os.PathLike, split: str = "train") -> datasets.Dataset:
     """Load preference data as a `datasets.Dataset`, without validating rows.
 
@@ -248,7 +249,6 @@ def _is_json_object(line: str) -> bool:
         return isinstance(json.loads(line), dict)
     except json.JSONDecodeError:
         return False
-
 
 
 def source_of(dataset: datasets.Dataset) -> str | None:

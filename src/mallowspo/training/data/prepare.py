@@ -59,10 +59,10 @@ import datasets
 from mallowspo.training.data.load import source_of
 from mallowspo.training.data.tokenize import (
     leading_special_ids,
+    render_pair,
     token_limits,
     tokenize_texts,
     truncate_and_check,
-    render_pair,
 )
 from mallowspo.training.data.validate import (
     PROBLEM_KINDS,
@@ -109,7 +109,6 @@ class PreferenceDataConfig:
             raise ValueError(f"max_length must be >= 2 (a prompt token and a completion token), got {self.max_length}")
 
 
-
 TOKEN_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
 
 
@@ -135,8 +134,11 @@ def check_tokenized_dataset(dataset: datasets.Dataset, name: str = "train", batc
         for column in TOKEN_COLUMNS:
             lengths = table.column(column).combine_chunks().value_lengths().fill_null(0).to_numpy(zero_copy_only=False)
             empty.setdefault(column, []).extend(int(i) + start for i in (lengths == 0).nonzero()[0])
-    problems = [f"{column} is empty in {len(rows)} row{'s' if len(rows) > 1 else ''} (e.g. row {rows[0]})"
-                for column, rows in empty.items() if rows]
+    problems = [
+        f"{column} is empty in {len(rows)} row{'s' if len(rows) > 1 else ''} (e.g. row {rows[0]})"
+        for column, rows in empty.items()
+        if rows
+    ]
     if problems:
         raise DataValidationError(
             f"Tokenized preference data {where}: " + "; ".join(problems) + ". Every pair needs a non-empty prompt "

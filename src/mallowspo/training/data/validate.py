@@ -32,8 +32,7 @@ PROBLEM_KINDS: dict[str, str] = {
     "bad_dispersion": "dispersion values are -log phi(x) estimates: finite numbers > 0",
     "prompt_too_long": "raise max_prompt_length / max_length, or shorten these prompts",
     "completion_empty_after_truncation": (
-        "these completions have no content token left; raise max_length / "
-        "max_completion_length or fix the completions"
+        "these completions have no content token left; raise max_length / max_completion_length or fix the completions"
     ),
 }
 ALWAYS_FATAL = frozenset({"missing_columns", "mixed_formats"})
@@ -123,7 +122,6 @@ class ValidationReport:
         return message
 
 
-
 def short_error(error: BaseException) -> str:
     """`Type: first line` of an error and of its cause, without the traceback."""
     parts = []
@@ -132,7 +130,6 @@ def short_error(error: BaseException) -> str:
         parts.append(f"{type(error).__name__}: {message}" if message else type(error).__name__)
         error = error.__cause__ or error.__context__
     return " (caused by ".join(parts) + ")" * (len(parts) - 1)
-
 
 
 @dataclass
