@@ -62,7 +62,8 @@ logger = logging.getLogger("mallowspo.dispersion_report")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (parser.description or "") + " Takes the settings of `mallowspo train` as --key value."
+    shared = "Takes the settings of `mallowspo train` as --key value (see `mallowspo train --show_fields`)."
+    parser.description = f"{parser.description or ''}. {shared}"
     parser.add_argument("--config", help="recipe YAML file (as for `mallowspo train`); without it, the built-in world")
     parser.add_argument("--out", default="runs/dispersion", help="output directory (default runs/dispersion)")
     parser.add_argument("--top", type=int, default=10, help="prompts listed at each end of the report (default 10)")

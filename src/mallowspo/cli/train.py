@@ -44,7 +44,7 @@ logger = logging.getLogger("mallowspo.train")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (parser.description or "") + " Any config field can be given as --key value."
+    parser.description = (parser.description or "") + ". Any config field can be given as --key value."
     parser.add_argument("--config", help="recipe YAML file; without it, the built-in default run")
     parser.add_argument(
         "--accelerate_config",
