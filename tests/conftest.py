@@ -136,25 +136,19 @@ def make_recipe(tmp_path, tiny_lm_dir, tiny_prefs_path):
     """make_recipe(**overrides) -> path of a small `mallowspo train` recipe (1 step, no saving)."""
     import yaml
 
+    from mallowspo.testing.tiny import tiny_run_settings
+
     def make(**overrides):
-        values = dict(
+        fields = dict(
             model_name_or_path=str(tiny_lm_dir),
             dataset_name=str(tiny_prefs_path),
             output_dir=str(tmp_path / "out"),
             max_steps=1,
             per_device_train_batch_size=2,
             per_device_eval_batch_size=4,
-            learning_rate=1e-3,
-            max_length=48,
-            max_prompt_length=24,
             logging_steps=1,
-            save_strategy="no",
-            report_to="none",
-            seed=0,
-            dataloader_pin_memory=False,
-            disable_tqdm=True,
         )
-        values.update(overrides)
+        values = tiny_run_settings(**{**fields, **overrides})
         path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*.yaml')))}.yaml"
         path.write_text(yaml.safe_dump(values))
         return path

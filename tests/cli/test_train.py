@@ -16,6 +16,7 @@ import yaml
 
 from mallowspo.cli import main
 from mallowspo.cli import train as train_command
+from mallowspo.testing.tiny import tiny_run_settings
 
 torch.set_num_threads(1)
 
@@ -23,25 +24,17 @@ RECIPES = sorted(Path(train_command.__file__).parent.joinpath("recipes").glob("*
 
 
 def write_recipe(path: Path, tiny_lm_dir, tiny_prefs_path, **overrides) -> Path:
-    values = dict(
+    fields = dict(
         model_name_or_path=str(tiny_lm_dir),
         dataset_name=str(tiny_prefs_path),
         output_dir=str(path.parent / "out"),
         max_steps=30,
         per_device_train_batch_size=8,
         per_device_eval_batch_size=32,
-        learning_rate=1.0e-3,
         beta=0.1,
-        max_length=48,
-        max_prompt_length=24,
         logging_steps=5,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        dataloader_pin_memory=False,
-        disable_tqdm=True,
     )
-    values.update(overrides)
+    values = tiny_run_settings(**{**fields, **overrides})
     path.write_text(yaml.safe_dump(values))
     return path
 

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mallowspo.losses import LOSS_TYPES, MALLOWS_VARIANTS, preference_loss
+from mallowspo.testing.tiny import tiny_run_settings
 from mallowspo.training import reference
 from mallowspo.training.config import MallowsPOConfig
 from mallowspo.training.data import load_preference_dataset
@@ -33,21 +34,8 @@ def raw_data(tiny_prefs_path):
 
 
 def make_trainer(tiny_lm_dir, raw_data, tmp_path, dtype=torch.float32, **overrides):
-    fields = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        max_length=48,
-        max_prompt_length=24,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        dataloader_pin_memory=False,
-        disable_tqdm=True,
-    )
-    fields.update(overrides)
+    fields = dict(max_steps=2, per_device_train_batch_size=8, logging_steps=1)
+    fields = tiny_run_settings(**{"output_dir": str(tmp_path / "out"), **fields, **overrides})
     return MallowsPOTrainer(
         AutoModelForCausalLM.from_pretrained(tiny_lm_dir, dtype=dtype),
         args=MallowsPOConfig(**fields),

@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mallowspo.testing.tiny import tiny_run_settings
 from mallowspo.training.config import MallowsPOConfig
 from mallowspo.training.data import load_preference_dataset, prepare_preference_dataset
 from mallowspo.training.head import add_completion_head
@@ -25,23 +26,8 @@ torch.set_num_threads(1)
 
 
 def config(tmp_path, **overrides) -> MallowsPOConfig:
-    fields = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=16,
-        learning_rate=1e-3,
-        max_length=48,
-        max_prompt_length=24,
-        logging_steps=2,
-        save_strategy="no",
-        report_to="none",
-        seed=0,
-        dataloader_pin_memory=False,
-        disable_tqdm=True,
-    )
-    fields.update(overrides)
-    return MallowsPOConfig(**fields)
+    fields = dict(max_steps=4, per_device_train_batch_size=8, per_device_eval_batch_size=16, logging_steps=2)
+    return MallowsPOConfig(**tiny_run_settings(**{"output_dir": str(tmp_path / "out"), **fields, **overrides}))
 
 
 @pytest.fixture(scope="module")

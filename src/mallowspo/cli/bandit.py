@@ -7,18 +7,8 @@ import argparse
 import json
 import time
 
+from mallowspo.cli.arguments import comma_floats, comma_names
 from mallowspo.experiments.bandit import DEFAULT_BETAS, METHODS, BanditConfig, run_bandit, write_outputs, write_report
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
-
-
-def _methods(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=500_000, help="SGD steps on the full batch (default 500000)")
     parser.add_argument(
         "--betas",
-        type=_floats,
+        type=comma_floats,
         default=None,
         help="comma-separated betas (default 16 log-spaced in [0.01, 10]); 0.05, 0.1, 0.5, 1 are always added",
     )
@@ -38,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--methods",
-        type=_methods,
+        type=comma_names,
         default=tuple(METHODS),
         help=f"comma-separated subset of {','.join(METHODS)} (default all)",
     )

@@ -14,6 +14,7 @@ import argparse
 import time
 from dataclasses import replace
 
+from mallowspo.cli.arguments import comma_floats, comma_names
 from mallowspo.experiments.controllable import (
     FAMILY_CHOICES,
     METHODS,
@@ -23,20 +24,6 @@ from mallowspo.experiments.controllable import (
     verdict_lines,
     write_outputs,
 )
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one number")
-    return values
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def add_budget_arguments(parser: argparse.ArgumentParser, defaults) -> None:
@@ -145,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     defaults = ControllableConfig()
     p.add_argument("--seeds", type=int, default=3, help="number of seeds: 0..N-1 (default 3)")
-    p.add_argument("--betas", type=_floats, default=defaults.betas, help="comma-separated betas (default 0.1)")
+    p.add_argument("--betas", type=comma_floats, default=defaults.betas, help="comma-separated betas (default 0.1)")
     p.add_argument(
         "--family",
         choices=FAMILY_CHOICES,
@@ -153,7 +140,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train and evaluate on closed prompts, open prompts, or both (default mix)",
     )
     p.add_argument(
-        "--methods", type=_names, default=defaults.methods, help=f"subset of {','.join(METHODS)} (default all)"
+        "--methods", type=comma_names, default=defaults.methods, help=f"subset of {','.join(METHODS)} (default all)"
     )
     p.add_argument("--out", default=None, help="output directory (default runs/controllable-FAMILY)")
     p.add_argument(

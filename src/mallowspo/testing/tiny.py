@@ -88,3 +88,22 @@ def build_tiny_model(
 def tiny_preferences_path() -> Path:
     """The shipped preference file: 300 rows in TRL's standard format, with a ``category`` column."""
     return Path(str(files("mallowspo.testing") / "assets" / "tiny_prefs.jsonl"))
+
+
+def tiny_run_settings(**overrides) -> dict:
+    """``MallowsPOConfig`` / recipe settings for a short, quiet run on a tiny model: token budgets
+    that fit the tiny preference file (48 tokens, prompts up to 24), lr 1e-3, seed 0, no
+    saving, no reporting, no progress bars; ``overrides`` change or add any key (``output_dir``
+    among them)."""
+    settings = dict(
+        learning_rate=1e-3,
+        max_length=48,
+        max_prompt_length=24,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        dataloader_pin_memory=False,
+        disable_tqdm=True,
+    )
+    settings.update(overrides)
+    return settings
