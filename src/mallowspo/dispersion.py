@@ -140,16 +140,22 @@ class DispersionSource:
         if isinstance(self.normalization, str):
             if self.normalization != "mean":
                 raise ValueError(f"dispersion_normalization must be 'mean' or > 0, got {self.normalization!r}")
-        elif not self.normalization > 0:
-            raise ValueError(f"dispersion_normalization must be 'mean' or > 0, got {self.normalization}")
+        elif not (self.normalization > 0 and math.isfinite(self.normalization)):
+            raise ValueError(f"dispersion_normalization must be 'mean' or > 0 and finite, got {self.normalization}")
         if self.clamp is not None:
             if len(self.clamp) != 2:
                 raise ValueError(f"dispersion_clamp needs two numbers (min max), got {list(self.clamp)}")
             low, high = self.clamp
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ValueError(
+                    f"dispersion_clamp needs finite numbers, got min={low}, max={high} (null for no clamp)"
+                )
             if not 0 <= low <= high:
                 raise ValueError(f"dispersion_clamp needs 0 <= min <= max, got min={low}, max={high}")
         if not self.constant > 0:
             raise ValueError(f"dispersion_constant must be > 0, got {self.constant}")
+        if not math.isfinite(self.constant):
+            raise ValueError(f"dispersion_constant must be a finite number, got {self.constant}")
 
 
 @dataclass(frozen=True)
@@ -190,6 +196,60 @@ def dispersion_estimate(
     normalization = phi_star if (phi_star is not None and source.normalization == "mean") else source.normalization
     estimates, used = estimate_neg_log_phi(_as_float64(hbar, size, "hbar"), phi_star=normalization, clamp=source.clamp)
     return DispersionEstimate(estimates, used)
+
+
+# When the entropy estimate carries no information (``uninformative_entropy``). Measured Hbar
+# (eq. 11) over a train split, mean / std, and the coefficient of variation of -log Hbar:
+#   random-init tiny Llama (hidden 64, V 512), tiny preference file   0.9976 / 7.5e-5   CV 0.031
+#   random-init Llama of the built-in world's shape, world data        0.9938 / 2.2e-4   CV 0.036
+#   the same with hidden size 1024                                     0.968  / 2.4e-3   CV 0.078
+#   the built-in world's trained (SFT) model, its 1,220 train rows     0.101  / 0.086    CV 0.43
+# A random-init model's logits have a std of about init_std * sqrt(hidden) (0.02 * 64 = 1.3 at
+# hidden 4096), so its entropy is about log V - 1.3^2 / 2, Hbar ~0.93 at V = 32k-128k: still above
+# the first threshold. A trained model's per-token entropy is a small fraction of log V.
+UNINFORMATIVE_MEAN_HBAR = 0.9  # mean Hbar at or above this: near-uniform next-token distributions
+UNINFORMATIVE_SPREAD = 0.05  # CV of -log Hbar below this: -log phi within a few % of the same value
+
+
+def uninformative_entropy(
+    hbar: torch.Tensor | np.ndarray, neg_log_phi: torch.Tensor | np.ndarray, min_hbar: float = DEFAULT_MIN_HBAR
+) -> str | None:
+    """Why the entropy estimate of a split cannot rank its prompts, or None when it can.
+
+    It cannot when the reference is near its maximum entropy everywhere (mean Hbar >=
+    ``UNINFORMATIVE_MEAN_HBAR``: its next-token distributions are close to uniform, as an
+    untrained model's are), or when the raw estimate -log Hbar is nearly the same for every
+    pair (coefficient of variation < ``UNINFORMATIVE_SPREAD``). What is left of the spread is
+    noise, which the mean-1 normalisation (phi* = 1 / mean(-log Hbar), ~400 for a random-init
+    model) stretches into an order of -log phi(x) that looks meaningful.
+
+    Args:
+        hbar: (N,) Hbar(x) of the split.
+        neg_log_phi: (N,) the estimate made from it (normalised, clamped): its range is reported.
+    Returns:
+        a one-line description of the spread, what it means and what to do; or None.
+    """
+    hbar = np.asarray(hbar, dtype=np.float64)
+    if hbar.size == 0:
+        return None
+    raw = -np.log(np.clip(hbar, min_hbar, 1.0))
+    mean_raw = float(raw.mean())
+    spread = float(raw.std()) / mean_raw if mean_raw > 0 else 0.0
+    reasons = []
+    if float(hbar.mean()) >= UNINFORMATIVE_MEAN_HBAR:
+        reasons.append(f"mean Hbar >= {UNINFORMATIVE_MEAN_HBAR}: next-token distributions near uniform")
+    if hbar.size > 1 and spread < UNINFORMATIVE_SPREAD:
+        reasons.append(f"-log Hbar varies by {100 * spread:.2g}% of its mean, under {UNINFORMATIVE_SPREAD:.0%}")
+    if not reasons:
+        return None
+    estimate = np.asarray(neg_log_phi, dtype=np.float64)
+    return (
+        f"the reference model's entropies cannot rank prompts: Hbar = {hbar.mean():.4f} +- {hbar.std():.2g} "
+        f"over {hbar.size} pairs ({'; '.join(reasons)}), which the estimate turns into -log phi(x) in "
+        f"[{estimate.min():.3g}, {estimate.max():.3g}]: noise, not dispersion. Usual cause: an untrained "
+        "(random-init) reference model. Use a trained (SFT) reference model, or a constant dispersion "
+        "(dispersion_source: constant, --dispersion_source constant)"
+    )
 
 
 def _as_float64(values: torch.Tensor | np.ndarray, size: int, name: str) -> torch.Tensor:

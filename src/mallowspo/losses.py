@@ -30,6 +30,7 @@ completion tokens (nats).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,8 @@ def check_loss_options(
         raise ValueError(f"unknown Mallows variant {mallows!r}; choose one of {MALLOWS_VARIANTS}")
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
+    if not math.isfinite(beta):
+        raise ValueError(f"beta must be a finite number, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must lie in [0, 0.5), got {label_smoothing}")
     if mallows == "phi" and loss_type not in _LIKELIHOOD_LOSSES:
@@ -95,6 +98,8 @@ def check_loss_options(
                 raise ValueError(f"smoothing_eps must be a positive number or 'adaptive', got {smoothing_eps!r}")
         elif not smoothing_eps > 0:
             raise ValueError(f"smoothing_eps must be > 0, got {smoothing_eps}")
+        elif not math.isfinite(smoothing_eps):
+            raise ValueError(f"smoothing_eps must be a finite number, got {smoothing_eps}")
 
 
 def implicit_reward_margin(

@@ -49,6 +49,34 @@ SETTINGS = {
         "checkpoint to resume from not found",
     ),
     "no_checkpoint_to_resume": (["--resume_from_checkpoint", "last"], "no complete checkpoint to resume from"),
+    # values that used to pass and then do something else
+    "max_steps_negative": (["--max_steps", "-5"], "max_steps must be a positive number of steps, or -1"),
+    "max_steps_zero": (["--max_steps", "0"], "max_steps must be a positive number of steps, or -1"),
+    "no_epochs": (["--max_steps", "-1", "--num_train_epochs", "0"], "num_train_epochs must be a finite number > 0"),
+    "learning_rate_zero": (["--learning_rate", "0"], "learning_rate must be a finite number > 0, got 0.0"),
+    "learning_rate_negative": (["--learning_rate=-1e-3"], "learning_rate must be a finite number > 0, got -0.001"),
+    "no_accumulation": (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be >= 1, got 0"),
+    "beta_inf": (["--beta", "inf"], "beta must be a finite number, got inf"),
+    "dispersion_constant_inf": (
+        ["--mallows", "theta", "--dispersion_source", "constant", "--dispersion_constant", "inf"],
+        "dispersion_constant must be a finite number, got inf",
+    ),
+    "clamp_inf": (["--dispersion_clamp", "0.05", "inf"], "dispersion_clamp needs finite numbers"),
+    "simpo_gamma_nan": (["--loss_type", "simpo", "--simpo_gamma", "nan"], "simpo_gamma must be a finite number"),
+    "empty_output_dir": (["--output_dir", ""], "output_dir is empty"),
+    "wrong_type_on_the_command_line": (["--beta", "abc"], "argument --beta: invalid float value: 'abc'"),
+    "null_for_a_key_that_cannot_be_null": (["--beta", "null"], "--beta cannot be null on the command line"),
+}
+
+# recipe file contents -> a fragment of the one-line error (which names the recipe)
+BAD_RECIPES = {
+    "syntax_error": (b"beta: 0.1\n  max_length: [\n", "line 2, column 13: mapping values are not allowed here"),
+    "python_tag": (b'beta: !!python/object/apply:os.system ["echo hi"]\n', "tags are refused, never executed"),
+    "duplicate_key": (b"beta: 0.1\nbeta: 0.2\n", "line 2, column 1: the key 'beta' is given twice"),
+    "wrong_type": (b"beta: abc\n", "beta in recipe"),
+    "scalar_for_a_pair": (b"dispersion_clamp: 20\n", "dispersion_clamp in recipe"),
+    "not_utf8": (b"beta: 0.1\n# caf\xe9\n", "is not UTF-8 text (byte 0xe9 on line 2)"),
+    "not_a_mapping": (b"- beta\n- 0.1\n", "must be a mapping of keys to values, got list"),
 }
 
 
@@ -66,6 +94,33 @@ def last_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert lines and "Traceback" not in err, err
     return lines[-1]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RECIPES))
+def test_bad_recipe_file_is_a_one_line_error_naming_it(case, run_cli, no_model_loading, tmp_path):
+    content, message = BAD_RECIPES[case]
+    recipe = tmp_path / f"{case}.yaml"
+    recipe.write_bytes(content)
+    code, _, err = run_cli("train", "--config", recipe)
+    line = last_line(err)
+    assert code == 2 and line.startswith("error: ") and f"{case}.yaml" in line and message in line, line
+    assert "usage:" not in err
+
+
+def test_null_on_the_command_line_clears_a_key_a_recipe_set(make_recipe):
+    from mallowspo.cli.run_config import parse_run_config
+
+    recipe = make_recipe(max_length=100, max_prompt_length=50, dispersion_clamp=[0.1, 5.0])
+    _, _, args = parse_run_config(str(recipe), ["--max_length", "null", "--dispersion_clamp=null"])
+    assert args.max_length is None and args.dispersion_clamp is None and args.max_prompt_length == 50
+    _, _, args = parse_run_config(str(recipe), ["--max_completion_length", "None", "--report_to", "none"])
+    assert args.max_completion_length is None  # "None" clears a number...
+    assert args.report_to == []  # ...but a text key takes "none" as its value (TrainingArguments: no reporting)
+
+
+def test_num_processes_alone_is_a_one_line_error(run_cli, make_recipe):
+    code, _, err = run_cli("train", "--config", make_recipe(), "--num_processes", "2")
+    assert code == 2 and last_line(err).startswith("error: --num_processes goes with --accelerate_config")
 
 
 @pytest.mark.parametrize("case", sorted(SETTINGS))
@@ -153,12 +208,25 @@ def test_an_error_while_training_is_a_bug_and_keeps_its_traceback(make_recipe, r
         run_cli("train", "--config", make_recipe())
 
 
-def test_ctrl_c_is_one_line_with_the_way_to_resume(make_recipe, run_cli, monkeypatch):
-    def interrupted(self, *args, **kwargs):
-        raise KeyboardInterrupt
+def test_ctrl_c_is_one_line_with_the_way_to_go_on(make_recipe, run_cli, monkeypatch):
+    """Before any checkpoint, Ctrl-C says to start over; after one, how to resume."""
+    compute_loss = MallowsPOTrainer.compute_loss
 
-    monkeypatch.setattr(MallowsPOTrainer, "compute_loss", interrupted)
+    def interrupted_at_step(step):
+        def interrupted(self, *args, **kwargs):
+            if self.state.global_step >= step:
+                raise KeyboardInterrupt
+            return compute_loss(self, *args, **kwargs)
+
+        return interrupted
+
+    monkeypatch.setattr(MallowsPOTrainer, "compute_loss", interrupted_at_step(0))
     code, _, err = run_cli("train", "--config", make_recipe())
+    assert code == 130 and "Traceback" not in err
+    assert last_line(err) == "error: interrupted (no checkpoint was saved yet: run the command again to start over)"
+
+    monkeypatch.setattr(MallowsPOTrainer, "compute_loss", interrupted_at_step(2))
+    code, _, err = run_cli("train", "--config", make_recipe(max_steps=4, save_strategy="steps", save_steps=1))
     assert code == 130 and "Traceback" not in err
     assert (
         last_line(err)

@@ -227,3 +227,22 @@ def test_dispersion_command_takes_the_train_keys_and_recipes(make_recipe, tmp_pa
     summary = json.loads((constant / "summary.json").read_text())
     assert summary["cache_reused"] and summary["phi_star"] is None  # the same reference pass, from the cache
     assert summary["summary"]["neg_log_phi"]["min"] == summary["summary"]["neg_log_phi"]["max"] == 1.5
+
+
+def test_naming_a_model_or_dataset_gives_the_documented_defaults_not_the_builtin_run(tmp_path, monkeypatch):
+    """Without a recipe, the built-in run's settings apply only when neither a model nor a
+    dataset is named; otherwise the result is that of the same keys in a recipe."""
+    from mallowspo.cli import defaults
+
+    monkeypatch.setattr(defaults, "ensure_world", lambda: pytest.fail("the built-in world was used"))
+    keys = ["--model_name_or_path", "my-model", "--dataset_name", "my-data"]
+    from_command_line = train_command.parse_run_config(None, keys)
+    recipe = tmp_path / "two_keys.yaml"
+    recipe.write_text(yaml.safe_dump({"model_name_or_path": "my-model", "dataset_name": "my-data"}))
+    from_recipe = train_command.parse_run_config(str(recipe), [])
+    (model_a, script_a, args), (model_b, script_b, args_b) = from_command_line, from_recipe
+    assert vars(model_a) == vars(model_b) and vars(script_a) == vars(script_b) and args.to_dict() == args_b.to_dict()
+    assert (args.max_length, args.max_prompt_length, args.learning_rate) == (1024, 512, 1e-6)
+    for only_one in (keys[:2], keys[2:]):
+        with pytest.raises(ValueError, match="is required"):
+            train_command.parse_run_config(None, only_one)

@@ -15,6 +15,7 @@ import resource
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 import torch
 
@@ -48,6 +49,13 @@ CASES = {
     "dispersion_nan.jsonl": ("bad_dispersion", "row 1", [1], DISPERSION_COLUMN),
     "dispersion_inf.jsonl": ("bad_dispersion", "row 2", [2, 3], DISPERSION_COLUMN),
     "dispersion_nonpositive.jsonl": ("bad_dispersion", "row 0", [0, 2], DISPERSION_COLUMN),
+    "zero_width_completion.jsonl": ("empty_field", "row 1", [1], []),
+    "text_prompt_with_message_completions.jsonl": (
+        "'prompt' is a string but 'chosen'/'rejected' are lists",
+        "row 1",
+        None,
+        [],
+    ),
 }
 
 
@@ -157,3 +165,79 @@ def test_pretokenized_data_with_an_empty_completion_is_an_error(tiny_lm_dir, tmp
     args = MallowsPOConfig(output_dir=str(tmp_path / "out"), report_to="none", max_steps=1)
     with pytest.raises(DataValidationError, match=r"chosen_input_ids is empty in 1 row \(e\.g\. row 1\)"):
         MallowsPOTrainer(str(tiny_lm_dir), args=args, train_dataset=tokenized)
+
+
+# ----------------------------------------------------------------------------------------
+# Where the data comes from: one split per file, eval files, directories, local paths, CSV
+# ----------------------------------------------------------------------------------------
+
+
+def good_rows(n: int = 8) -> list[dict]:
+    return [{"prompt": f"Question {i}?", "chosen": f" Answer {i}.", "rejected": f" Not {i}."} for i in range(n)]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("split", ["test", "validation"])
+def test_a_file_has_one_split_and_is_never_its_own_eval_set(split, tmp_path, run_cli, make_recipe):
+    data = write_jsonl(tmp_path / "train.jsonl", good_rows())
+    code, _, err = run_cli("train", "--config", make_recipe(), "--dataset_name", data, "--dataset_test_split", split)
+    assert_one_line_error(code, err, "train.jsonl is a single file", f"not '{split}'", "eval_dataset_name")
+
+
+def test_a_separate_eval_file_is_evaluated(tmp_path, run_cli, make_recipe):
+    train = write_jsonl(tmp_path / "train.jsonl", good_rows(8))
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", good_rows(3))
+    out = tmp_path / "run"
+    recipe = make_recipe(output_dir=str(out), save_strategy="no")
+    code, _, err = run_cli("train", "--config", recipe, "--dataset_name", train, "--eval_dataset_name", held_out)
+    assert code == 0, err
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    evals = [h for h in history if "eval_loss" in h]
+    assert len(evals) == 1  # once, at the end
+    card = (out / "README.md").read_text()
+    assert "'eval' (" in card and "held_out.jsonl): 3 rows, 3 kept" in card
+
+
+def test_final_evaluation_runs_once_when_the_schedule_already_evaluated(tmp_path, run_cli, make_recipe):
+    train = write_jsonl(tmp_path / "train.jsonl", good_rows(8))
+    held_out = write_jsonl(tmp_path / "held_out.jsonl", good_rows(3))
+    out = tmp_path / "run"
+    recipe = make_recipe(output_dir=str(out), max_steps=2, eval_strategy="steps", eval_steps=1)
+    code, _, err = run_cli("train", "--config", recipe, "--dataset_name", train, "--eval_dataset_name", held_out)
+    assert code == 0, err
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert [h["step"] for h in history if "eval_loss" in h] == [1, 2]
+
+
+def test_a_directory_with_two_types_of_data_files_is_an_error(tmp_path, run_cli, make_recipe):
+    folder = tmp_path / "prefs"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", good_rows())
+    datasets.Dataset.from_list(good_rows()).to_parquet(str(folder / "more.parquet"))
+    code, _, err = run_cli("train", "--config", make_recipe(), "--dataset_name", folder)
+    assert_one_line_error(code, err, "holds files of several types (1 .jsonl, 1 .parquet)", "Keep one type")
+
+
+def test_a_mistyped_local_path_fails_at_once_without_asking_the_hub(tmp_path, run_cli, make_recipe, monkeypatch):
+    (tmp_path / "data").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("the hub was asked"))
+    code, _, err = run_cli("train", "--config", make_recipe(), "--dataset_name", "data/nonexistent")
+    assert_one_line_error(code, err, "Preference data not found: there is no file or directory at 'data/nonexistent'")
+
+
+def test_csv_cells_are_text_as_written(tmp_path, tiny_tokenizer):
+    """Cells such as None, N/A, null and 42 are text in a CSV file: they are the responses, not
+    missing values or numbers that validation would then report."""
+    path = tmp_path / "prefs.csv"
+    path.write_text(
+        "prompt,chosen,rejected\nWhat is six times seven?, 42, 41\nSay nothing.,None,N/A\nAnd now?,null,NULL\n"
+    )
+    loaded = load_preference_dataset(str(path))
+    assert loaded["chosen"] == [" 42", "None", "null"] and loaded["rejected"] == [" 41", "N/A", "NULL"]
+    out, report = prepare_preference_dataset(loaded, tiny_tokenizer, PreferenceDataConfig(max_length=48))
+    assert report.kept_rows == 3 and not report.problems

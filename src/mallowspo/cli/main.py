@@ -70,13 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = debug or _debug_from_env()
     try:
         return _run(argv)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if debug:
             raise
-        print(
-            "error: interrupted (a training run resumes from its last checkpoint: --resume_from_checkpoint last)",
-            file=sys.stderr,
-        )
+        hint = getattr(interrupt, "hint", None)
+        print(f"error: interrupted{f' ({hint})' if hint else ''}", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - user errors become one line; the rest re-raise
         if debug and isinstance(error, UserError) and error.__cause__ is not None:

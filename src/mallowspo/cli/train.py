@@ -28,9 +28,9 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from mallowspo.cli.errors import user_errors
+from mallowspo.cli.errors import UserError, user_errors
 from mallowspo.cli.run_config import argument_parser, parse_run_config, setup_logging
-from mallowspo.training.checkpoints import resolve_checkpoint
+from mallowspo.training.checkpoints import is_complete_checkpoint, resolve_checkpoint
 from mallowspo.training.data import load_preference_dataset, prepare_preference_dataset
 from mallowspo.training.models import check_model_source, ensure_pad_token, load_causal_lm
 from mallowspo.training.outputs import check_output_dir
@@ -112,11 +112,7 @@ def build_trainer(model_args, script_args, training_args):
         checkpoint = resolve_checkpoint(checkpoint, training_args.output_dir)
     check_model_source(model_args.model_name_or_path)
     train_dataset = load_preference_dataset(script_args.dataset_name, script_args.dataset_train_split)
-    eval_dataset = (
-        load_preference_dataset(script_args.dataset_name, script_args.dataset_test_split)
-        if script_args.dataset_test_split
-        else None
-    )
+    eval_dataset = load_preference_dataset(*script_args.eval_source()) if script_args.evaluates else None
     tokenizer = AutoTokenizer.from_pretrained(
         model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
     )
@@ -146,13 +142,19 @@ def fit(trainer, checkpoint: str | None = None):
     """Train (resuming from ``checkpoint``), evaluate when there is eval data, save. Returns the trainer."""
     training_args = trainer.args
     trainer.train(resume_from_checkpoint=checkpoint)
-    if trainer.eval_dataset is not None:
+    if trainer.eval_dataset is not None and not evaluated_at_last_step(trainer):
         trainer.evaluate()
     trainer.save_model()
     if training_args.should_save:
         logger.info("saved the model, config, model card and dispersion.jsonl to %s", training_args.output_dir)
         logger.info("last logged metrics: %s", format_metrics(trainer.last_logged_metrics()))
     return trainer
+
+
+def evaluated_at_last_step(trainer) -> bool:
+    """Whether the Trainer's own schedule already evaluated at the final step (then fit() does not again)."""
+    step = trainer.state.global_step
+    return any("eval_loss" in entry and entry.get("step") == step for entry in trainer.state.log_history)
 
 
 def train(model_args, script_args, training_args):
@@ -184,10 +186,22 @@ def run(args: argparse.Namespace) -> int:
     if args.accelerate_config:
         return subprocess.call(accelerate_command(args))
     if args.num_processes:
-        raise SystemExit("--num_processes goes with --accelerate_config (or use `accelerate launch` directly)")
-    with user_errors():  # settings, paths, data: the user's; errors in training keep their traceback
-        model_args, script_args, training_args = parse_run_config(args.config, args.overrides)
-        setup_logging(training_args.should_log)
-        trainer, checkpoint = build_trainer(model_args, script_args, training_args)
-    fit(trainer, checkpoint)
+        raise UserError("--num_processes goes with --accelerate_config (or use `accelerate launch` directly)")
+    training_args = None
+    try:
+        with user_errors():  # settings, paths, data: the user's; errors in training keep their traceback
+            model_args, script_args, training_args = parse_run_config(args.config, args.overrides)
+            setup_logging(training_args.should_log)
+            trainer, checkpoint = build_trainer(model_args, script_args, training_args)
+        fit(trainer, checkpoint)
+    except KeyboardInterrupt as interrupt:
+        interrupt.hint = resume_hint(training_args.output_dir if training_args is not None else None)
+        raise
     return 0
+
+
+def resume_hint(output_dir: str | None) -> str:
+    """What a user can do after stopping a run: resume from a complete checkpoint, or start over."""
+    if output_dir is not None and any(is_complete_checkpoint(p) for p in Path(output_dir).glob("checkpoint-*")):
+        return "a training run resumes from its last checkpoint: --resume_from_checkpoint last"
+    return "no checkpoint was saved yet: run the command again to start over"

@@ -16,7 +16,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import TrainingArguments
 
@@ -153,12 +155,20 @@ class MallowsPOConfig(TrainingArguments):
             self.dispersion_normalization, "mean", "dispersion_normalization"
         )
         if self.dispersion_clamp is not None:
+            if not isinstance(self.dispersion_clamp, (list, tuple)):
+                raise ValueError(
+                    f"dispersion_clamp needs two numbers (min max) or null, got {self.dispersion_clamp!r}"
+                )
             self.dispersion_clamp = [float(v) for v in self.dispersion_clamp]
         self._validate()
         super().__post_init__()
 
     def _validate(self) -> None:
-        """Each group of options has one validator: the losses', the dispersion's and the data's."""
+        """Each group of options has one validator: the losses', the dispersion's, the data's and the
+        optimisation's (``check_optimisation``)."""
+        check_optimisation(self)
+        if not math.isfinite(self.simpo_gamma):
+            raise ValueError(f"simpo_gamma must be a finite number, got {self.simpo_gamma}")
         check_loss_options(
             self.loss_type, self.mallows, self.beta, self.label_smoothing, self.phi_smoothing, self.smoothing_eps
         )
@@ -222,6 +232,32 @@ class MallowsPOConfig(TrainingArguments):
             strict=self.strict_validation,
             dispersion_column=self.dispersion_column,
         )
+
+
+def check_optimisation(args: TrainingArguments) -> None:
+    """Raise ValueError for optimisation settings that would train nothing, or crash deep in torch:
+    a run must take at least one step with a positive, finite learning rate."""
+    if not str(args.output_dir).strip():
+        raise ValueError("output_dir is empty; give the directory the run writes to (--output_dir DIR)")
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise ValueError(
+            f"max_steps must be a positive number of steps, or -1 to train for num_train_epochs; got {args.max_steps}"
+        )
+    if args.max_steps == -1 and not (args.num_train_epochs > 0 and math.isfinite(args.num_train_epochs)):
+        raise ValueError(
+            f"num_train_epochs must be a finite number > 0 (or set max_steps), got {args.num_train_epochs}: "
+            "the run would train nothing and save the base model as its result"
+        )
+    if not (args.learning_rate > 0 and math.isfinite(args.learning_rate)):
+        raise ValueError(
+            f"learning_rate must be a finite number > 0, got {args.learning_rate}: with 0 the run saves the base "
+            "model as its result"
+        )
+    for name in ("gradient_accumulation_steps", "per_device_train_batch_size", "per_device_eval_batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {args.warmup_steps}")
 
 
 def ignored_settings(args: MallowsPOConfig) -> list[str]:
@@ -350,9 +386,32 @@ class ScriptArguments:
     )
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str | None = field(
-        default=None, metadata={"help": "Split to evaluate on (eval_dataset); none by default."}
+        default=None,
+        metadata={
+            "help": "Split to evaluate on: of dataset_name (a directory or hub id; a single file has only 'train'), "
+            "or of eval_dataset_name (default there: 'test'); none by default."
+        },
+    )
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Separate evaluation data: a file (its one split), a directory or a hub id; none by default."
+        },
     )
 
     def __post_init__(self) -> None:
         if not self.dataset_name:
             raise ValueError("dataset_name is required: pass --dataset_name PATH_OR_HUB_ID or set it in the recipe")
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether the run has evaluation data."""
+        return self.eval_dataset_name is not None or self.dataset_test_split is not None
+
+    def eval_source(self) -> tuple[str, str]:
+        """(source, split) of the evaluation data: eval_dataset_name, else dataset_name's dataset_test_split."""
+        if self.eval_dataset_name is None:
+            return self.dataset_name, self.dataset_test_split
+        if Path(self.eval_dataset_name).expanduser().is_file():
+            return self.eval_dataset_name, "train"  # a file's one split
+        return self.eval_dataset_name, self.dataset_test_split or "test"

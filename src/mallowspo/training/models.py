@@ -48,8 +48,7 @@ def check_model_source(name_or_path: str) -> None:
             )
     elif path.exists():
         raise FileNotFoundError(f"Model path {path} is a file; give the directory that holds the model (config.json).")
-    elif looks_like_path(name_or_path) or (len(path.parts) > 1 and Path(path.parts[0]).is_dir()):
-        # ('runs/model' where ./runs exists is a local path, not the hub id of an owner "runs")
+    elif looks_like_path(name_or_path):  # e.g. 'runs/model' where ./runs exists: not the hub id of an owner "runs"
         raise FileNotFoundError(
             f"Model not found: there is no directory at '{name_or_path}' (resolved to {path.resolve()}). Give a "
             "directory written by save_pretrained, or a Hugging Face hub id such as 'owner/name'."

@@ -6,6 +6,10 @@
 
 and the check, before any work, that the output directory can take them. The renderers
 format plain dicts: the trainer gathers the facts.
+
+A save that runs out of disk space (``disk_full_save``) removes what it wrote and raises
+OSError(ENOSPC or EDQUOT) naming the directory, whichever writer hit the full disk
+(safetensors, torch.save, plain file writes).
 """
 
 from __future__ import annotations
@@ -13,8 +17,12 @@ from __future__ import annotations
 import errno
 import json
 import math
+import os
+import re
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -237,3 +245,94 @@ def check_output_dir(output_dir: str | Path, needed_bytes: int = 0) -> None:
             f"{needed_bytes / 2**20:.1f} MiB (the saved model, and a checkpoint). Free some space or choose another "
             "--output_dir",
         )
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# torch.save's C++ writer reports a failed write without its errno; it is taken for a full disk
+# when the directory's disk has less than this left right after the failure.
+TORCH_WRITE_FULL_BYTES = 1 << 20
+
+
+def disk_full_errno(error: BaseException, directory: str | Path) -> int | None:
+    """ENOSPC or EDQUOT when ``error`` (or what caused it) is a write that found the disk full, else None.
+
+    Recognises an OSError with that errno, safetensors' SafetensorError ("... No space left on
+    device (os error 28)", the errno of Rust's I/O error) and torch.save's RuntimeError (no
+    errno: a full disk is recognised by the free space left in ``directory``)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            return error.errno
+        text = str(error)
+        match = re.search(r"\(os error (\d+)\)", text)
+        if match and int(match.group(1)) in DISK_FULL_ERRNOS:
+            return int(match.group(1))
+        if isinstance(error, RuntimeError) and ("PytorchStreamWriter" in text or "inline_container" in text):
+            if _free_bytes(directory) < TORCH_WRITE_FULL_BYTES:
+                return errno.ENOSPC
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _free_bytes(directory: str | Path) -> int:
+    path = Path(directory)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 1 << 62  # unknown: not taken for full
+
+
+def _files(directory: Path) -> dict[str, tuple[int, int, int]]:
+    """The plain files directly in ``directory``: name -> (inode, size, mtime_ns)."""
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return {}
+    files = {}
+    for entry in entries:
+        try:
+            if entry.is_file(follow_symlinks=False):
+                stat = entry.stat(follow_symlinks=False)
+                files[entry.name] = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        except OSError:
+            continue
+    return files
+
+
+@contextmanager
+def disk_full_save(
+    directory: str | Path, what: str, *, whole_directory: bool = False, clean: bool = True
+) -> Iterator[None]:
+    """Run a save into ``directory``; if it runs out of disk space, remove what it wrote and
+    raise OSError(ENOSPC or EDQUOT) with one line naming ``what`` and ``directory``.
+
+    What it wrote: with ``whole_directory`` (a checkpoint, which is only whole or useless) the
+    directory itself; else the plain files in ``directory`` that the save created or changed
+    (an earlier file the save overwrote was lost anyway), so no half-written model is left that
+    looks complete. ``clean``: whether this process removes them (the main process).
+    Other errors pass through unchanged."""
+    directory = Path(directory)
+    before = _files(directory) if clean and not whole_directory else {}
+    try:
+        yield
+    except Exception as error:
+        code = disk_full_errno(error, directory)
+        if code is None:
+            raise
+        removed = ""
+        if clean and whole_directory:
+            shutil.rmtree(directory, ignore_errors=True)
+            removed = ": the partial checkpoint was removed, so no half-written model is left"
+        elif clean:
+            for name, identity in _files(directory).items():
+                if before.get(name) != identity:
+                    (directory / name).unlink(missing_ok=True)
+            removed = ": the files it had written there were removed, so no half-written model is left"
+        message = (
+            f"not enough disk space to save {what} to {directory} ({os.strerror(code)}){removed}. "
+            "Free some space or choose another --output_dir"
+        )
+        raise OSError(code, message) from error

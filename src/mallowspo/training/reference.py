@@ -14,9 +14,10 @@ of the prompt/chosen/rejected token ids, which covers the dataset, the tokenizer
 truncation), the reference weights, the tokenizer's vocabulary and chat template, the
 data settings (max lengths, truncation, EOS) and the mixed-precision mode. Any change
 recomputes; an unchanged rerun reuses; the log says which happened. Writes are atomic
-(temp dir + rename): a run killed while writing leaves no entry, and a damaged entry is
-recomputed and replaced. A cache that cannot be written is a warning, not an error. A pass
-that gives NaN or inf is an error and is never cached.
+(temp dir + rename): a run killed while writing leaves no entry. A damaged entry (unreadable,
+or holding values no pass gives: NaN or inf, Hbar outside [0, 1], a negative entropy, a
+positive log-prob) is logged, recomputed and replaced. A cache that cannot be written is a
+warning, not an error. A pass that gives NaN or inf is an error and is never cached.
 
 Cache root: ``$MALLOWSPO_CACHE`` or ``~/.cache/mallowspo``; entries live in
 ``<root>/reference/<key>/``.
@@ -47,7 +48,13 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from trl.trainer.utils import hash_module
 
-from mallowspo.dispersion import DispersionEstimate, DispersionSource, dispersion_estimate, normalized_entropy
+from mallowspo.dispersion import (
+    DispersionEstimate,
+    DispersionSource,
+    dispersion_estimate,
+    normalized_entropy,
+    uninformative_entropy,
+)
 from mallowspo.training.collate import PreferenceCollator, split_pairs
 from mallowspo.training.data import TOKEN_COLUMNS
 from mallowspo.training.scoring import output_vocab_size, score_completions
@@ -195,7 +202,8 @@ def cache_dir_for(key: str, root: Path | None = None) -> Path:
 
 def read_cache(path: Path) -> dict[str, np.ndarray] | None:
     """The cached columns at ``path``, or None when there is no complete, readable entry
-    (an unreadable one, e.g. damaged on disk, is logged and treated as missing)."""
+    (an unreadable one, e.g. damaged on disk, is logged and treated as missing). Their values
+    are checked by ``read_valid_cache``."""
     if not (path / "meta.json").is_file():
         return None
     try:
@@ -211,6 +219,47 @@ def read_cache(path: Path) -> dict[str, np.ndarray] | None:
         logger.warning("reference cache entry %s is incomplete (not %d rows per column); recomputing it", path, rows)
         return None
     return columns
+
+
+def read_valid_cache(path: Path) -> dict[str, np.ndarray] | None:
+    """``read_cache``, and None for an entry holding values no reference pass gives
+    (``invalid_reference_columns``): logged as damaged, then recomputed and replaced by the caller."""
+    columns = read_cache(path)
+    if columns is None:
+        return None
+    problem = invalid_reference_columns(columns)
+    if problem is not None:
+        logger.warning("reference cache entry %s is damaged (%s); recomputing it", path, problem)
+        return None
+    return columns
+
+
+# Rounding slack for the signs of the cached values: a summed log-prob is <= 0 and a mean entropy >= 0
+# exactly; a value beyond this slack on the wrong side is damage, not rounding.
+SIGN_TOLERANCE = 1e-3
+
+
+def invalid_reference_columns(columns: dict[str, np.ndarray]) -> str | None:
+    """What is wrong with reference columns that no reference pass could have produced, or None:
+    NaN or inf anywhere, Hbar outside [0, 1], a negative mean entropy, a positive summed log-prob."""
+    problems = []
+    for name, values in columns.items():
+        values = np.asarray(values, dtype=np.float64)
+        finite = np.isfinite(values)
+        if not finite.all():
+            problems.append(f"{name} holds NaN or inf in {int((~finite).sum())} of {values.size} rows")
+            continue
+        if name == "hbar":
+            bad, rule = (values < 0) | (values > 1), "outside [0, 1]"
+        elif name.endswith("_entropy"):
+            bad, rule = values < -SIGN_TOLERANCE, "negative"
+        elif name.endswith("_logps"):
+            bad, rule = values > SIGN_TOLERANCE, "positive"
+        else:
+            continue
+        if bad.any():
+            problems.append(f"{name} is {rule} in {int(bad.sum())} of {values.size} rows")
+    return "; ".join(problems) or None
 
 
 def check_finite_columns(columns: dict[str, np.ndarray], dataset: datasets.Dataset, name: str) -> None:
@@ -303,7 +352,7 @@ def load_or_compute_reference_columns(
     key, components = shared
     path = cache_dir_for(key)
 
-    decision = [read_cache(path) is not None]
+    decision = [read_valid_cache(path) is not None]
     broadcast_object_list(decision, from_process=0)
     if decision[0]:
         columns = read_cache(path)
@@ -363,18 +412,25 @@ def with_columns(dataset: datasets.Dataset, columns: dict[str, np.ndarray]) -> d
 
 
 def with_dispersion(
-    dataset: datasets.Dataset, source: DispersionSource, phi_star: float | None = None
+    dataset: datasets.Dataset, source: DispersionSource, phi_star: float | None = None, name: str | None = None
 ) -> tuple[datasets.Dataset, DispersionEstimate]:
     """``dataset`` with its ``neg_log_phi`` column from ``source`` (``mallowspo.dispersion.dispersion_estimate``:
     ``hbar`` from the reference pass, or the data's ``dispersion`` column), and the estimate.
 
-    ``phi_star``: the one fitted on the train split, for the other splits."""
+    ``phi_star``: the one fitted on the train split, for the other splits. The split that sets
+    phi* (``phi_star`` None) is checked once for an entropy estimate that carries no information
+    (``mallowspo.dispersion.uninformative_entropy``: a warning, naming the split ``name`` if given)."""
     columns = dataset.column_names
+    hbar = np.asarray(dataset["hbar"]) if "hbar" in columns else None
     estimate = dispersion_estimate(
         source,
         size=len(dataset),
-        hbar=np.asarray(dataset["hbar"]) if "hbar" in columns else None,
+        hbar=hbar,
         column=np.asarray(dataset["dispersion"]) if source.source == "column" else None,
         phi_star=phi_star,
     )
+    if source.source == "entropy" and phi_star is None:
+        problem = uninformative_entropy(hbar, estimate.neg_log_phi.numpy())
+        if problem is not None:
+            logger.warning("dispersion%s: %s", f" ({name})" if name else "", problem)
     return with_columns(dataset, {"neg_log_phi": estimate.neg_log_phi.numpy()}), estimate

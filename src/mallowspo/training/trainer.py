@@ -28,6 +28,7 @@ import datasets
 import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id
@@ -43,6 +44,7 @@ from mallowspo.training.outputs import (
     CONFIG_FILE,
     DISPERSION_FILE,
     check_output_dir,
+    disk_full_save,
     output_bytes_needed,
     summary_statistics,
     write_dispersion_jsonl,
@@ -230,7 +232,7 @@ class MallowsPOTrainer(Trainer):
             dataset = with_columns(dataset, result.columns)
         if self.args.mallows == "none":  # the loss has no dispersion: none is attached, logged or written
             return dataset
-        dataset, estimate = with_dispersion(dataset, self.args.dispersion_settings(), phi_star=self.phi_star)
+        dataset, estimate = with_dispersion(dataset, self.args.dispersion_settings(), self.phi_star, name)
         if estimate.phi_star is not None and self.phi_star is None:
             self.phi_star = estimate.phi_star
             fitted = "train mean 1" if self.args.dispersion_normalization == "mean" else "fixed"
@@ -342,19 +344,32 @@ class MallowsPOTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Save the model (or adapter, as safetensors) and tokenizer; a final save (not a
         checkpoint) also writes the resolved config, the log history, the model card and the
-        per-example dispersion file. No pickle file is left (see TRAINING_ARGS_PICKLE)."""
-        super().save_model(output_dir, _internal_call)
-        if not self.args.should_save:
-            return
+        per-example dispersion file. No pickle file is left (see TRAINING_ARGS_PICKLE). A final
+        save that fills the disk removes what it wrote and raises OSError(ENOSPC) naming the
+        directory (a checkpoint: ``_save_checkpoint``)."""
         output_dir = Path(output_dir or self.args.output_dir)
-        (output_dir / TRAINING_ARGS_PICKLE).unlink(missing_ok=True)
-        if _internal_call:  # a checkpoint: the Trainer adds its own state files
+        if _internal_call:  # a checkpoint (guarded by _save_checkpoint): the Trainer adds its own state files
+            super().save_model(str(output_dir), _internal_call)
+            if self.args.should_save:
+                (output_dir / TRAINING_ARGS_PICKLE).unlink(missing_ok=True)
             return
-        write_resolved_config(output_dir / CONFIG_FILE, self.resolved_config())
-        self.state.save_to_json(str(output_dir / STATE_FILE))  # the log history, for scripts and plots
-        if self.train_dataset is not None and "neg_log_phi" in self.train_dataset.column_names:
-            write_dispersion_jsonl(output_dir / DISPERSION_FILE, self.train_dataset)
-        write_model_card(output_dir, self.model_card_facts())
+        with disk_full_save(output_dir, "the final model", clean=self.args.should_save):
+            super().save_model(str(output_dir), _internal_call)
+            if not self.args.should_save:
+                return
+            (output_dir / TRAINING_ARGS_PICKLE).unlink(missing_ok=True)
+            write_resolved_config(output_dir / CONFIG_FILE, self.resolved_config())
+            self.state.save_to_json(str(output_dir / STATE_FILE))  # the log history, for scripts and plots
+            if self.train_dataset is not None and "neg_log_phi" in self.train_dataset.column_names:
+                write_dispersion_jsonl(output_dir / DISPERSION_FILE, self.train_dataset)
+            write_model_card(output_dir, self.model_card_facts())
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """The Trainer's checkpoint; one that fills the disk is removed and raises OSError(ENOSPC) naming it."""
+        checkpoint = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        clean = self.args.should_save
+        with disk_full_save(checkpoint, "a checkpoint", whole_directory=True, clean=clean):
+            super()._save_checkpoint(model, trial)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """Write the MallowsPO model card to ``output_dir/README.md`` (replaces the Trainer's draft)."""

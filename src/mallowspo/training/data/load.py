@@ -5,6 +5,7 @@ unreadable file that names the file and, where it can be found, the line.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -18,6 +19,20 @@ import datasets
 from mallowspo.training.data.validate import DataValidationError, short_error
 
 DATA_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# CSV cells are read as text: pandas would otherwise turn "None", "N/A", "null" into missing values
+# and "42" into a number before validation, which then reports a problem the file does not have.
+CSV_AS_TEXT = {"keep_default_na": False, "na_filter": False}
+
+
+def _builder_options(builder: str, first_file: Path) -> dict:
+    """Extra options of the `datasets` builder: for CSV, every column (named by the header of
+    ``first_file``) read as text, and no missing-value markers."""
+    if builder != "csv":
+        return {}
+    with open(first_file, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    return {**CSV_AS_TEXT, "features": datasets.Features({name: datasets.Value("string") for name in header})}
+
 
 # Where each dataset returned by load_preference_dataset came from, to name the file in
 # error messages. Weak keys: entries vanish with the datasets.
@@ -27,17 +42,23 @@ _SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def load_preference_dataset(source: str | os.PathLike, split: str = "train") -> datasets.Dataset:
     """Load preference data as a `datasets.Dataset`, without validating rows.
 
-    source: a local .json/.jsonl/.parquet/.csv file (one split: `split` is not used), a
-    local directory (written by `save_to_disk`, or holding such data files), or a
-    Hugging Face hub id (`datasets.load_dataset(source, split=split)`).
+    source: a local .json/.jsonl/.parquet/.csv file (it has one split, "train"), a local
+    directory (written by `save_to_disk`, or holding data files of one type, split by file
+    name), or a Hugging Face hub id (`datasets.load_dataset(source, split=split)`).
 
     Raises FileNotFoundError for a path that does not exist, DataValidationError for an
-    unsupported extension or a file that cannot be read (naming the file and, where it
-    can be found, the line).
+    unsupported extension, a file that cannot be read (naming the file and, where it can be
+    found, the line), another split than "train" of a file, or a directory of mixed types.
     """
     text = os.fspath(source)
     path = Path(text).expanduser()
     if path.is_file():
+        if split != "train":
+            raise DataValidationError(
+                f"{path} is a single file, so it holds one split ('train'), not '{split}': evaluating on it would "
+                "evaluate on the training rows. Give the evaluation data as its own file (eval_dataset_name), or a "
+                "directory with train and test files, or leave dataset_test_split unset."
+            )
         dataset = _load_file(path)
     elif path.is_dir():
         dataset = _load_directory(path, split)
@@ -52,15 +73,18 @@ def load_preference_dataset(source: str | os.PathLike, split: str = "train") -> 
 
 
 def looks_like_path(text: str) -> bool:
-    """A hub id is 'name' or 'owner/name'; anything path-shaped is treated as a missing path."""
-    suffix = Path(text).suffix.lower()
+    """A hub id is 'name' or 'owner/name'; anything path-shaped is treated as a (missing) local
+    path, never looked up on the hub: absolute or relative paths, more than one '/', a file
+    extension, or an 'owner' that is a local directory ('data/prefs' where ./data exists)."""
+    path = Path(text).expanduser()
     return (
         text.startswith(("/", ".", "~", "\\"))
         or (len(text) > 1 and text[1] == ":")
         or text.count("/") > 1
         or "\\" in text
-        or suffix in DATA_FILE_BUILDERS
-        or suffix in {".txt", ".tsv", ".arrow", ".gz", ".zip", ".xlsx", ".yaml", ".yml"}
+        or path.suffix.lower() in DATA_FILE_BUILDERS
+        or path.suffix.lower() in {".txt", ".tsv", ".arrow", ".gz", ".zip", ".xlsx", ".yaml", ".yml"}
+        or (len(path.parts) > 1 and Path(path.parts[0]).is_dir())
     )
 
 
@@ -80,7 +104,13 @@ def _load_file(path: Path) -> datasets.Dataset:
             # `datasets` keys its cache of the parsed file on path, size and mtime, so a file
             # changed in place with both kept (cp -p, rsync -t, an edit within the mtime
             # resolution) would load stale rows; the content hash in the name prevents that.
-            return datasets.load_dataset(builder, name=f"sha256-{digest[:16]}", data_files=str(path), split="train")
+            return datasets.load_dataset(
+                builder,
+                name=f"sha256-{digest[:16]}",
+                data_files=str(path),
+                split="train",
+                **_builder_options(builder, path),
+            )
     except Exception as error:  # noqa: BLE001 - turned into one clear message below
         raise _diagnose_file(path, error) from None
 
@@ -129,9 +159,17 @@ def _load_directory(path: Path, split: str) -> datasets.Dataset:
             f"Cannot load preference data from directory {path}: it was not written by save_to_disk and holds "
             f"no {', '.join(DATA_FILE_BUILDERS)} files."
         )
+    suffixes = sorted({p.suffix.lower() for p in files})
+    builders = {DATA_FILE_BUILDERS[suffix] for suffix in suffixes}
+    if len(builders) > 1:
+        counts = ", ".join(f"{sum(p.suffix.lower() == s for p in files)} {s}" for s in suffixes)
+        raise DataValidationError(
+            f"Cannot load preference data from directory {path}: it holds files of several types ({counts}), and "
+            "only one type would be read. Keep one type of data file in the directory, or name one file."
+        )
     try:
         with _quiet_datasets_errors(), _no_download_counting():
-            return datasets.load_dataset(str(path), split=split)
+            return datasets.load_dataset(str(path), split=split, **_builder_options(builders.pop(), files[0]))
     except Exception as error:  # noqa: BLE001
         for file in files:  # find the file to blame, if one cannot be read
             if file.stat().st_size == 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,6 +209,12 @@ def _text_of(value: Any) -> str:
     return value if isinstance(value, str) else "".join(m["content"] for m in value)
 
 
+def _is_blank(text: str) -> bool:
+    """No visible character: only white space and invisible format characters (zero-width
+    spaces and joiners, byte-order marks, direction marks: Unicode category Cf)."""
+    return not any(not c.isspace() and unicodedata.category(c) != "Cf" for c in text)
+
+
 def _parse_dispersion(value: Any) -> float:
     number = None
     if isinstance(value, int | float) and not isinstance(value, bool):
@@ -235,6 +242,12 @@ def check_row(index: int, row: dict, has_prompt: bool, dispersion_column: str | 
     conversational = formats["chosen"] == "messages"
     if has_prompt and formats["prompt"] == "messages" and not conversational:
         raise RowProblem("mixed_formats", "'prompt' is a list of messages but 'chosen'/'rejected' are strings")
+    if has_prompt and formats["prompt"] == "text" and conversational:
+        raise RowProblem(
+            "mixed_formats",
+            "'prompt' is a string but 'chosen'/'rejected' are lists of messages; give the prompt as messages too, "
+            "e.g. [{'role': 'user', 'content': '...'}]",
+        )
 
     example = {name: row[name] for name in names}
     if conversational:
@@ -252,9 +265,11 @@ def check_row(index: int, row: dict, has_prompt: bool, dispersion_column: str | 
     else:  # explicit prompt kept; implicit one (or a text prompt next to conversations) extracted
         example = maybe_extract_prompt(example)
     for name in ("chosen", "rejected"):
-        if not _text_of(example[name]).strip():
-            raise RowProblem("empty_field", f"the '{name}' completion is empty or whitespace only")
-    if not example["prompt"] or not _text_of(example["prompt"]).strip():
+        if _is_blank(_text_of(example[name])):
+            raise RowProblem(
+                "empty_field", f"the '{name}' completion is empty or whitespace only (or invisible characters)"
+            )
+    if not example["prompt"] or _is_blank(_text_of(example["prompt"])):
         where = "'prompt' is empty or whitespace only" if has_prompt else "'chosen' and 'rejected' share no prompt"
         raise RowProblem("empty_field", where)
     if conversational:
