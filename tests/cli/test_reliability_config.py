@@ -267,3 +267,13 @@ def test_dispersion_command_errors_are_one_line_too(
     defaults.update(dict(zip(argv[::2], argv[1::2])))
     code, _, err = run_cli("dispersion", *[x for pair in defaults.items() for x in pair])
     assert code == 2 and message in last_line(err)
+
+
+@pytest.mark.parametrize("name, mode", [("fsdp", "FSDP"), ("zero3", "DEEPSPEED")])
+def test_gpu_only_distributed_modes_are_refused_before_launching_on_a_cpu_machine(name, mode, run_cli, make_recipe):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code, _, err = run_cli("train", "--config", make_recipe(), "--accelerate_config", name, "--num_processes", "2")
+    assert code == 2 and last_line(err).startswith(
+        f"error: accelerate config {name}.yaml uses {mode}, which needs GPUs"
+    )

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from mallowspo.training.checkpoints import resolve_checkpoint
@@ -317,3 +318,68 @@ def test_disk_filling_up_during_training_is_one_line(run_cli, make_recipe, tmp_p
         "error: No space left on device (free some space; a training run resumes from its last checkpoint: "
         "--resume_from_checkpoint last)"
     )
+
+
+# ----------------------------------------------------------------------------------------
+# An output directory belongs to one run
+# ----------------------------------------------------------------------------------------
+
+
+def test_a_finished_run_is_never_silently_replaced(run_cli, make_recipe, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("train", "--config", make_recipe(output_dir=str(out), beta=0.1))[0] == 0
+    first = (out / "model.safetensors").read_bytes()
+    code, _, err = run_cli("train", "--config", make_recipe(output_dir=str(out), beta=0.5))
+    assert code == 2 and err.strip().splitlines()[-1].startswith(
+        f"error: output_dir {out} already holds a run's results"
+    )
+    assert (out / "model.safetensors").read_bytes() == first  # untouched
+    code, _, err = run_cli(
+        "train", "--config", make_recipe(output_dir=str(out), beta=0.5), "--overwrite_output_dir", "true"
+    )
+    assert code == 0, err
+    assert yaml.safe_load((out / "mallowspo_config.yaml").read_text())["training"]["beta"] == 0.5
+
+
+def test_a_checkpoint_of_another_run_is_refused_on_resume(run_cli, make_recipe, tmp_path):
+    out = tmp_path / "out"
+    recipe = dict(output_dir=str(out), max_steps=2, save_strategy="steps", save_steps=1)
+    assert run_cli("train", "--config", make_recipe(**recipe, learning_rate=1e-3))[0] == 0
+    code, _, err = run_cli(
+        "train",
+        "--config",
+        make_recipe(**{**recipe, "max_steps": 4}, learning_rate=5e-4),
+        "--resume_from_checkpoint",
+        "last",
+    )
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and "belongs to another run (settings differ: learning_rate: 0.001 -> 0.0005)" in line, line
+    # the same run resumes, with a larger step budget
+    code, _, err = run_cli(
+        "train",
+        "--config",
+        make_recipe(**{**recipe, "max_steps": 4}, learning_rate=1e-3),
+        "--resume_from_checkpoint",
+        "last",
+    )
+    assert code == 0, err
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 4
+
+
+def test_a_checkpoint_path_from_another_run_is_refused(run_cli, make_recipe, tmp_path):
+    first = tmp_path / "first"
+    assert (
+        run_cli(
+            "train", "--config", make_recipe(output_dir=str(first), max_steps=1, save_strategy="steps", save_steps=1)
+        )[0]
+        == 0
+    )
+    code, _, err = run_cli(
+        "train",
+        "--config",
+        make_recipe(output_dir=str(tmp_path / "second"), seed=1),
+        "--resume_from_checkpoint",
+        str(first / "checkpoint-1"),
+    )
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and "belongs to another run (settings differ: seed: 0 -> 1)" in line, line

@@ -47,7 +47,10 @@ def test_remote_code_is_off_unless_the_user_sets_it(run_cli, make_recipe, loadin
     assert all(kwargs["use_safetensors"] is True for name, kwargs in loading_calls if name == "AutoModelForCausalLM")
 
     loading_calls.clear()
-    assert run_cli("train", "--config", make_recipe(), "--trust_remote_code", "true")[0] == 0
+    assert (
+        run_cli("train", "--config", make_recipe(), "--trust_remote_code", "true", "--overwrite_output_dir", "true")[0]
+        == 0
+    )
     assert loading_calls and all(kwargs["trust_remote_code"] is True for _, kwargs in loading_calls)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from mallowspo.cli import main
 from mallowspo.cli import train as train_command
@@ -127,37 +128,45 @@ def test_accelerate_config_shortcut_builds_the_launch_command(tmp_path):
         train_command.resolve_accelerate_config(str(tmp_path / "missing.yaml"))
 
 
-def test_two_process_run_with_accelerate(tiny_lm_dir, tiny_prefs_path, tmp_path):
-    """`--accelerate_config ddp --num_processes 2` on CPU (use_cpu -> gloo): completes and writes one model."""
-    recipe = write_recipe(
-        tmp_path / "r.yaml", tiny_lm_dir, tiny_prefs_path, max_steps=4, logging_steps=2, use_cpu=True
-    )
+def test_two_cpu_processes_are_data_parallel_and_equal_one_process(tiny_lm_dir, tiny_prefs_path, tmp_path):
+    """`--accelerate_config ddp --num_processes 2` on a CPU machine, with nothing about CPUs in the
+    recipe: real data parallelism (gloo). Each process sees its share, one writes, the cache is
+    written once, and the result equals one process with the same global batch (16 pairs)."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_lm_dir, tiny_prefs_path, max_steps=4, logging_steps=2)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOWSPO_CACHE": str(tmp_path / "cache"), "TQDM_DISABLE": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mallowspo.cli",
-            "train",
-            "--config",
-            str(recipe),
-            "--accelerate_config",
-            "ddp",
-            "--num_processes",
-            "2",
-        ],
+    command = [sys.executable, "-m", "mallowspo.cli", "train", "--config", str(recipe)]
+    two = subprocess.run(
+        [*command, "--accelerate_config", "ddp", "--num_processes", "2"],
         env=env,
         capture_output=True,
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-3000:]
     out = tmp_path / "out"
     assert [p.name for p in out.rglob("model.safetensors")] == ["model.safetensors"]
     history = log_history(out)
     # 4 steps x 8 pairs x 2 processes = 64 of 300 pairs: the epoch counter shows both processes trained
     assert history[-1]["epoch"] == pytest.approx(4 / math.ceil(300 / 16), rel=1e-6)
     assert len(list((tmp_path / "cache" / "reference").iterdir())) == 1  # one cache entry, written once
+    assert two.stderr.count("computing for 300 rows") == 1  # the reference pass logged once, by one process
+
+    one_out = tmp_path / "one"
+    one = subprocess.run(
+        [*command, "--per_device_train_batch_size", "16", "--output_dir", str(one_out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two_weights, one_weights = load_file(out / "model.safetensors"), load_file(one_out / "model.safetensors")
+    initial = load_file(Path(tiny_lm_dir) / "model.safetensors")
+    for name, tensor in one_weights.items():
+        assert (tensor - initial[name]).abs().max() > 1e-3  # training moved the weights...
+        torch.testing.assert_close(two_weights[name], tensor, rtol=0, atol=1e-4)  # ...the same way
+    dispersion = [(out / "dispersion.jsonl").read_text(), (one_out / "dispersion.jsonl").read_text()]
+    assert dispersion[0] == dispersion[1]  # normalised over the whole train split, not one shard
 
 
 def test_dispersion_command_writes_the_report(tiny_lm_dir, tiny_prefs_path, tmp_path, mallowspo_cache, capsys):

@@ -244,7 +244,8 @@ def parse_run_config(config_path: str | None, overrides: list[str], aliases: dic
     return model_args, script_args, training_args
 
 
-def setup_logging(verbose: bool = True) -> None:
-    """Log lines with a time stamp; the library's at INFO (WARNING when not ``verbose``)."""
+def setup_logging(main_process: bool = True) -> None:
+    """Log lines with a time stamp; the library's at INFO on the main process, errors only on the
+    others (so that a multi-process run prints each line once)."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("mallowspo").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("mallowspo").setLevel(logging.INFO if main_process else logging.ERROR)

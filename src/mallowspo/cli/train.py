@@ -26,11 +26,13 @@ from dataclasses import asdict
 from importlib.resources import files
 from pathlib import Path
 
+import yaml
 from transformers import AutoTokenizer
 
 from mallowspo.cli.errors import UserError, user_errors
 from mallowspo.cli.run_config import argument_parser, parse_run_config, setup_logging
 from mallowspo.training.checkpoints import is_complete_checkpoint, resolve_checkpoint
+from mallowspo.training.config import accelerator_available
 from mallowspo.training.data import load_preference_dataset, prepare_preference_dataset
 from mallowspo.training.models import check_model_source, ensure_pad_token, load_causal_lm
 from mallowspo.training.outputs import check_output_dir
@@ -67,6 +69,21 @@ def resolve_accelerate_config(name_or_path: str) -> Path:
     if not path.is_file():
         raise FileNotFoundError(f"accelerate config {name_or_path!r}: not one of {ACCELERATE_CONFIG_NAMES} nor a file")
     return path
+
+
+# Distributed modes whose accelerate plugin needs GPUs (or another accelerator).
+ACCELERATOR_ONLY_MODES = ("FSDP", "DEEPSPEED")
+
+
+def check_launchable(config: Path) -> None:
+    """Raise ValueError before launching a mode that cannot run on this machine: accelerate's FSDP
+    and DeepSpeed plugins refuse a machine without GPUs (each process would fail in its setup)."""
+    mode = str((yaml.safe_load(config.read_text()) or {}).get("distributed_type", "")).upper()
+    if mode in ACCELERATOR_ONLY_MODES and not accelerator_available():
+        raise ValueError(
+            f"accelerate config {config.name} uses {mode}, which needs GPUs, and this machine has none; for data "
+            "parallelism on CPU use --accelerate_config ddp (gloo), or launch on a GPU machine"
+        )
 
 
 def accelerate_command(args: argparse.Namespace) -> list[str]:
@@ -135,6 +152,7 @@ def build_trainer(model_args, script_args, training_args):
         run_metadata={"model": asdict(model_args), "data": asdict(script_args)},
         validation_reports=reports,
     )
+    trainer.check_run_owner(checkpoint)  # another run's results or checkpoint: refused before training
     return trainer, checkpoint
 
 
@@ -184,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
         argument_parser().print_help()
         return 0
     if args.accelerate_config:
+        with user_errors():
+            check_launchable(resolve_accelerate_config(args.accelerate_config))
         return subprocess.call(accelerate_command(args))
     if args.num_processes:
         raise UserError("--num_processes goes with --accelerate_config (or use `accelerate launch` directly)")

@@ -1,10 +1,13 @@
-"""Resuming: which checkpoint directory is complete, and which one to resume from."""
+"""Resuming: which checkpoint directory is complete, which one to resume from, and which run an
+output directory and its checkpoints belong to (``mallowspo_run.json``)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -60,3 +63,120 @@ def resolve_checkpoint(checkpoint: str | bool, output_dir: str | Path) -> str:
             "saving it. Resume from an earlier checkpoint (--resume_from_checkpoint last skips incomplete ones)."
         )
     return str(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Which run an output directory and its checkpoints belong to
+# ---------------------------------------------------------------------------------------
+
+RUN_FILE = "mallowspo_run.json"
+# The settings that decide a run's trajectory: a checkpoint resumes only a run with the same
+# ones (and the same model and train tokens). Logging, saving, evaluation and the step budget
+# may change between a run and its resumption.
+IDENTITY_KEYS = (
+    "loss_type", "beta", "label_smoothing", "mallows", "phi_smoothing", "smoothing_eps", "simpo_gamma",
+    "length_normalize", "dispersion_source", "dispersion_normalization", "dispersion_clamp", "dispersion_constant",
+    "dispersion_column", "precompute_ref_log_probs", "max_length", "max_prompt_length", "max_completion_length",
+    "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2",
+    "adam_epsilon", "max_grad_norm", "optim", "per_device_train_batch_size", "gradient_accumulation_steps", "seed",
+    "bf16", "fp16",
+)  # fmt: skip
+# What a run leaves in its output directory (besides checkpoint-N directories).
+RESULT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "mallowspo_config.yaml",
+    "dispersion.jsonl", STATE_FILE,
+)  # fmt: skip
+
+
+def run_identity(settings: dict[str, Any], model: str, train_tokens: str) -> dict[str, Any]:
+    """What makes a run this run: ``IDENTITY_KEYS`` of its settings, the model and the train tokens'
+    hash, as JSON would store them (so that a stored identity compares equal)."""
+    identity = {"model": model, "train_tokens": train_tokens, **{key: settings.get(key) for key in IDENTITY_KEYS}}
+    return json.loads(json.dumps(identity, default=str))
+
+
+def read_identity(directory: str | Path) -> dict[str, Any] | None:
+    """The run identity stored in ``directory`` (an output directory or a checkpoint), or None."""
+    try:
+        return json.loads((Path(directory) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_identity(directory: str | Path, identity: dict[str, Any]) -> None:
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / RUN_FILE).write_text(json.dumps(identity, indent=2, default=str))
+
+
+def identity_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``key: stored -> current`` for each setting that differs."""
+    keys = list(dict.fromkeys([*current, *stored]))
+    return [f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
+
+
+def prior_results(output_dir: str | Path) -> list[str]:
+    """The names of what an earlier run left in ``output_dir``: its files and checkpoints."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    names = [name for name in RESULT_FILES if (root / name).exists()]
+    return names + sorted(p.name for p in root.glob("checkpoint-*") if p.is_dir())
+
+
+def check_output_dir_owner(
+    output_dir: str | Path, identity: dict[str, Any], *, resuming: bool, overwrite: bool
+) -> bool:
+    """Whether ``output_dir`` may take this run, without changing anything; True when it must be
+    cleared first (``overwrite``). Raises ValueError when it holds another run's results (or this
+    run's, and the run does not resume), naming the directory, what is there and the ways on."""
+    results = prior_results(output_dir)
+    if not results:
+        return False
+    if overwrite:
+        return True
+    stored = read_identity(output_dir)
+    shown = ", ".join(results[:4]) + (f" and {len(results) - 4} more" if len(results) > 4 else "")
+    if resuming:
+        if stored is None:
+            raise ValueError(
+                f"output_dir {output_dir} holds {shown} but no {RUN_FILE}, so it cannot be checked to be this run's; "
+                "start over with --overwrite_output_dir true, or choose another --output_dir"
+            )
+        differences = identity_differences(stored, identity)
+        if differences:
+            raise ValueError(
+                f"output_dir {output_dir} holds another run (settings differ: {'; '.join(differences[:3])}), so its "
+                "checkpoints cannot resume this one; resume with the same settings, start over with "
+                "--overwrite_output_dir true, or choose another --output_dir"
+            )
+        return False
+    raise ValueError(
+        f"output_dir {output_dir} already holds a run's results ({shown}); resume it with --resume_from_checkpoint "
+        "last, replace it with --overwrite_output_dir true (which clears the directory), or choose another --output_dir"
+    )
+
+
+def clear_output_dir(output_dir: str | Path) -> None:
+    """Remove everything in ``output_dir`` (the directory stays)."""
+    for entry in Path(output_dir).iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def check_checkpoint_owner(checkpoint: str | Path, identity: dict[str, Any]) -> None:
+    """Raise ValueError unless ``checkpoint`` was saved by the run ``identity`` describes."""
+    stored = read_identity(checkpoint)
+    if stored is None:
+        raise ValueError(
+            f"checkpoint {checkpoint} has no {RUN_FILE}, so it cannot be checked to belong to this run; "
+            "resume from a checkpoint this version of mallowspo saved, or start over"
+        )
+    differences = identity_differences(stored, identity)
+    if differences:
+        raise ValueError(
+            f"checkpoint {checkpoint} belongs to another run (settings differ: {'; '.join(differences[:3])}); "
+            "resume it with its own settings, or start over"
+        )

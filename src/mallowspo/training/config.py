@@ -17,9 +17,11 @@ import dataclasses
 import importlib.util
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import TrainingArguments
 
 from mallowspo.dispersion import DEFAULT_CLAMP, DISPERSION_SOURCES, DispersionSource
@@ -129,6 +131,13 @@ class MallowsPOConfig(TrainingArguments):
         default=None, metadata={"help": "Batch size of the reference pass; default: the per-device batch size."}
     )
     disable_dropout: bool = field(default=True, metadata={"help": "Disable dropout in the policy and reference."})
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace the results of an earlier run in output_dir (the directory is cleared first); without "
+            "it, such a directory is refused unless the same run resumes (--resume_from_checkpoint last)."
+        },
+    )
 
     # ---- data (built into a mallowspo.training.data.PreferenceDataConfig, which validates them) ----
     max_length: int | None = field(
@@ -161,6 +170,11 @@ class MallowsPOConfig(TrainingArguments):
                 )
             self.dispersion_clamp = [float(v) for v in self.dispersion_clamp]
         self._validate()
+        if launched_without_accelerators() and not self.use_cpu:
+            # Without this, TrainingArguments sets up no process group on a CPU-only machine, and
+            # each launched process trains a full copy on all the data (and all write one output_dir).
+            logger.info("several processes and no accelerator: data parallelism on CPU (gloo); use_cpu=True")
+            self.use_cpu = True
         super().__post_init__()
 
     def _validate(self) -> None:
@@ -232,6 +246,18 @@ class MallowsPOConfig(TrainingArguments):
             strict=self.strict_validation,
             dispersion_column=self.dispersion_column,
         )
+
+
+def accelerator_available() -> bool:
+    """Whether this machine has a CUDA GPU or an Intel XPU."""
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or (xpu is not None and xpu.is_available())
+
+
+def launched_without_accelerators() -> bool:
+    """Whether this process is one of several (``WORLD_SIZE`` > 1, set by ``accelerate launch`` /
+    torchrun) on a machine with no GPU or other accelerator."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not accelerator_available()
 
 
 def check_optimisation(args: TrainingArguments) -> None:

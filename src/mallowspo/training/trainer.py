@@ -34,7 +34,16 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id
 
 from mallowspo.losses import PreferenceLossOutput, preference_loss
-from mallowspo.training.checkpoints import STATE_FILE, TRAINING_ARGS_PICKLE, resolve_checkpoint
+from mallowspo.training.checkpoints import (
+    STATE_FILE,
+    TRAINING_ARGS_PICKLE,
+    check_checkpoint_owner,
+    check_output_dir_owner,
+    clear_output_dir,
+    resolve_checkpoint,
+    run_identity,
+    write_identity,
+)
 from mallowspo.training.collate import PreferenceCollator, split_pairs
 from mallowspo.training.config import MallowsPOConfig
 from mallowspo.training.data import ValidationReport, check_tokenized_dataset, prepare_preference_dataset
@@ -54,6 +63,7 @@ from mallowspo.training.outputs import (
 from mallowspo.training.reference import (
     ReferenceResult,
     load_or_compute_reference_columns,
+    token_fingerprint,
     weights_fingerprint,
     with_columns,
     with_dispersion,
@@ -118,6 +128,11 @@ class MallowsPOTrainer(Trainer):
         else:
             eval_dataset = self._tokenize(eval_dataset, "eval", processing_class)
 
+        self.run_identity = (
+            run_identity(args.to_dict(), get_config_model_id(model.config), token_fingerprint(train_dataset))
+            if train_dataset is not None
+            else None
+        )
         # Hashed before a LoRA adapter is added: a LoRA run shares the cache of its base model.
         weights = (
             weights_fingerprint(ref_model if ref_model is not None else model) if args.runs_reference_pass else ""
@@ -313,9 +328,39 @@ class MallowsPOTrainer(Trainer):
         """``Trainer.train``, resuming only from complete checkpoints: ``True`` picks the newest
         complete ``checkpoint-N`` in ``output_dir`` (skipping one a killed run left half
         written), and a given path is checked before anything is loaded."""
-        if resume_from_checkpoint is not None and resume_from_checkpoint is not False:
+        resuming = resume_from_checkpoint is not None and resume_from_checkpoint is not False
+        if resuming:
             resume_from_checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if self.run_identity is not None:
+            self._claim_output_dir(resume_from_checkpoint if resuming else None)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def check_run_owner(self, checkpoint: str | None = None) -> bool:
+        """Raise ValueError when ``checkpoint`` (to resume from) or output_dir holds another run (see
+        ``training.checkpoints``); changes nothing. True when output_dir must be cleared first
+        (overwrite_output_dir). `mallowspo train` calls it before training; ``train`` again."""
+        if self.run_identity is None:
+            return False
+        if checkpoint is not None:
+            check_checkpoint_owner(checkpoint, self.run_identity)
+        return check_output_dir_owner(
+            self.args.output_dir,
+            self.run_identity,
+            resuming=checkpoint is not None,
+            overwrite=self.args.overwrite_output_dir,
+        )
+
+    def _claim_output_dir(self, checkpoint: str | None) -> None:
+        """Refuse an output_dir that holds another run's results (or clear it, with overwrite_output_dir),
+        then mark it as this run's (``mallowspo_run.json``, all a resume needs)."""
+        clear = self.check_run_owner(checkpoint)  # on every process (it only reads), so that all stop alike
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if clear:
+                logger.warning("overwrite_output_dir: clearing %s of an earlier run's results", self.args.output_dir)
+                clear_output_dir(self.args.output_dir)
+            write_identity(self.args.output_dir, self.run_identity)
+        self.accelerator.wait_for_everyone()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the train metrics pooled since the last training log to each training log."""
@@ -369,6 +414,8 @@ class MallowsPOTrainer(Trainer):
         checkpoint = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         clean = self.args.should_save
         with disk_full_save(checkpoint, "a checkpoint", whole_directory=True, clean=clean):
+            if clean and self.run_identity is not None:  # before trainer_state.json, which marks it complete
+                write_identity(checkpoint, self.run_identity)
             super()._save_checkpoint(model, trial)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
