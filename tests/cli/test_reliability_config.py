@@ -277,3 +277,12 @@ def test_gpu_only_distributed_modes_are_refused_before_launching_on_a_cpu_machin
     assert code == 2 and last_line(err).startswith(
         f"error: accelerate config {name}.yaml uses {mode}, which needs GPUs"
     )
+
+
+@pytest.mark.parametrize("command", [["train"], ["demo", "--steps", "1"]])
+def test_a_world_directory_that_is_a_file_is_a_one_line_error(command, run_cli, tmp_path, monkeypatch):
+    not_a_dir = tmp_path / "world.txt"
+    not_a_dir.write_text("")
+    monkeypatch.setenv("MALLOWSPO_WORLD_DIR", str(not_a_dir))
+    code, _, err = run_cli(*command)
+    assert code == 2 and last_line(err).startswith(f"error: MALLOWSPO_WORLD_DIR={not_a_dir} is a file, not a directory")

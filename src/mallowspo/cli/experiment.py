@@ -15,6 +15,7 @@ import time
 from dataclasses import replace
 
 from mallowspo.cli.arguments import comma_floats, comma_names
+from mallowspo.cli.errors import user_errors
 from mallowspo.experiments.controllable import (
     FAMILY_CHOICES,
     METHODS,
@@ -24,6 +25,7 @@ from mallowspo.experiments.controllable import (
     verdict_lines,
     write_outputs,
 )
+from mallowspo.experiments.world import ensure_world
 
 
 def add_budget_arguments(parser: argparse.ArgumentParser, defaults) -> None:
@@ -112,7 +114,8 @@ def config_from_args(args: argparse.Namespace, base):
 
 def run_and_report(config, out: str, world: str | None, jobs: int, title: str) -> int:
     """Run the controllable pipeline, write its outputs, print where they are and the verdict."""
-
+    with user_errors():  # a world directory that is missing or not a directory: the user's
+        ensure_world(world)
     start = time.perf_counter()
     results = run_controllable(config, out, world_root=world, jobs=jobs)
     paths = write_outputs(results, out)
