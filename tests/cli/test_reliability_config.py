@@ -87,7 +87,7 @@ def no_model_loading(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the error")
 
-    monkeypatch.setattr("mallowspo.training.models.AutoModelForCausalLM.from_pretrained", refuse)
+    monkeypatch.setattr("mallowspo.training.loading.AutoModelForCausalLM.from_pretrained", refuse)
 
 
 def last_line(err: str) -> str:
@@ -285,4 +285,6 @@ def test_a_world_directory_that_is_a_file_is_a_one_line_error(command, run_cli, 
     not_a_dir.write_text("")
     monkeypatch.setenv("MALLOWSPO_WORLD_DIR", str(not_a_dir))
     code, _, err = run_cli(*command)
-    assert code == 2 and last_line(err).startswith(f"error: MALLOWSPO_WORLD_DIR={not_a_dir} is a file, not a directory")
+    assert code == 2 and last_line(err).startswith(
+        f"error: MALLOWSPO_WORLD_DIR={not_a_dir} is a file, not a directory"
+    )

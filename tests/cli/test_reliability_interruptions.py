@@ -255,7 +255,7 @@ def test_output_dir_under_a_file_is_an_error_before_loading(run_cli, make_recipe
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     monkeypatch.setattr(
-        "mallowspo.training.models.AutoModelForCausalLM.from_pretrained",
+        "mallowspo.training.loading.AutoModelForCausalLM.from_pretrained",
         lambda *a, **k: pytest.fail("the model was loaded before the error"),
     )
     code, _, err = run_cli("train", "--config", make_recipe(output_dir=str(blocker / "out")))
@@ -276,7 +276,7 @@ def test_unwritable_output_dir_is_an_error_before_loading(run_cli, make_recipe, 
 
     monkeypatch.setattr(Path, "write_bytes", refuse_probe)
     monkeypatch.setattr(
-        "mallowspo.training.models.AutoModelForCausalLM.from_pretrained",
+        "mallowspo.training.loading.AutoModelForCausalLM.from_pretrained",
         lambda *a, **k: pytest.fail("the model was loaded before the error"),
     )
     code, _, err = run_cli("train", "--config", make_recipe(output_dir=str(tmp_path / "out")))

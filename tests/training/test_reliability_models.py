@@ -22,7 +22,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mallowspo.training.models import (
+from mallowspo.training.loading import (
     check_causal_lm_config,
     check_tokenizer_fits,
     load_causal_lm,
@@ -112,6 +112,16 @@ def test_keys_transformers_ignores_are_not_errors(tiny_lm_dir, tmp_path):
     tensors["transformer.h.0.attn.bias"] = torch.tril(torch.ones(1, 1, 32, 32))
     save_file(tensors, gpt2 / "model.safetensors", metadata={"format": "pt"})
     assert isinstance(load_causal_lm(str(gpt2)), transformers.GPT2LMHeadModel)
+    # ... and a Pythia checkpoint's per-layer attention and rotary buffers.
+    config = transformers.GPTNeoXConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    pythia = save_tiny(transformers.GPTNeoXForCausalLM, config, tmp_path / "pythia")
+    tensors = load_file(pythia / "model.safetensors")
+    for name in ("bias", "masked_bias", "rotary_emb.inv_freq"):
+        tensors[f"gpt_neox.layers.0.attention.{name}"] = torch.ones(4)
+    save_file(tensors, pythia / "model.safetensors", metadata={"format": "pt"})
+    assert isinstance(load_causal_lm(str(pythia)), transformers.GPTNeoXForCausalLM)
 
 
 @pytest.fixture
@@ -261,6 +271,17 @@ def test_config_sizes_that_do_not_match_the_weights_name_the_tensors(tiny_lm_dir
     assert tensor in message and "\n" not in message
 
 
+def test_a_size_mismatch_it_cannot_name_keeps_transformers_report(
+    tiny_lm_dir, tmp_path, monkeypatch, transformers_warnings
+):
+    """A hub model (no local files to compare): the message points to transformers' table, which stays."""
+    monkeypatch.setattr("mallowspo.training.loading.config_size_mismatches", lambda *args: [])
+    directory = variant(tiny_lm_dir, tmp_path / "model", config=lambda c: c.update(hidden_size=32))
+    with pytest.raises(ValueError, match=r"config.json do not match .*\(the load report above lists the tensors\)"):
+        load_causal_lm(str(directory))
+    assert [m for m in transformers_warnings if "LOAD REPORT" in m and "MISMATCH" in m]
+
+
 # ---------------------------------------------------------------------------------------
 # Tokenizers
 # ---------------------------------------------------------------------------------------
@@ -379,7 +400,7 @@ def test_a_hub_connection_error_is_one_line_naming_the_id(monkeypatch):
             except LocalEntryNotFoundError as error:
                 raise OSError("We couldn't connect to 'https://huggingface.co' to load the files") from error
 
-    monkeypatch.setattr("mallowspo.training.models.AutoModelForCausalLM.from_pretrained", unreachable)
+    monkeypatch.setattr("mallowspo.training.loading.AutoModelForCausalLM.from_pretrained", unreachable)
     with pytest.raises(OSError) as raised:
         load_causal_lm(HUB_ID)
     assert str(raised.value) == (

@@ -17,8 +17,8 @@ from mallowspo.testing.tiny import tiny_run_settings
 from mallowspo.training.config import MallowsPOConfig
 from mallowspo.training.data import load_preference_dataset, prepare_preference_dataset
 from mallowspo.training.head import add_completion_head
+from mallowspo.training.loading import ensure_pad_token
 from mallowspo.training.metrics import MetricAccumulator
-from mallowspo.training.models import ensure_pad_token
 from mallowspo.training.reference import compute_reference_columns
 from mallowspo.training.trainer import MallowsPOTrainer
 

@@ -31,14 +31,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
 
 from mallowspo.cli.errors import user_errors  # noqa: E402
 from mallowspo.cli.run_config import parse_run_config, setup_logging  # noqa: E402
 from mallowspo.training.collate import PreferenceCollator  # noqa: E402
 from mallowspo.training.data import load_preference_dataset, prepare_preference_dataset  # noqa: E402
 from mallowspo.training.head import add_completion_head  # noqa: E402
-from mallowspo.training.models import check_model_source, ensure_pad_token, load_causal_lm  # noqa: E402
+from mallowspo.training.loading import check_model_source, check_tokenizer_fits, load_causal_lm, load_tokenizer  # noqa: E402
 from mallowspo.training.outputs import check_output_dir, summary_statistics, write_dispersion_jsonl  # noqa: E402
 from mallowspo.training.reference import (  # noqa: E402
     load_or_compute_reference_columns,
@@ -89,16 +88,14 @@ def compute_dispersion(model_args, script_args, training_args) -> tuple[Any, dic
     check_model_source(model_args.model_name_or_path)
     split = script_args.dataset_train_split
     raw = load_preference_dataset(script_args.dataset_name, split)  # a bad file fails before the model loads
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
-    )
-    ensure_pad_token(tokenizer)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
     data_config = training_args.to_data_config()
     dataset, report = prepare_preference_dataset(raw, tokenizer, data_config, name=split)
 
     model = load_causal_lm(
         model_args.model_name_or_path, model_args.dtype, model_args.trust_remote_code, model_args.attn_implementation
     )
+    check_tokenizer_fits(model, tokenizer, model_args.model_name_or_path)
     weights = weights_fingerprint(model)
     add_completion_head(model)
     accelerator = Accelerator(mixed_precision=mixed_precision(training_args), cpu=training_args.use_cpu)

@@ -27,14 +27,13 @@ from importlib.resources import files
 from pathlib import Path
 
 import yaml
-from transformers import AutoTokenizer
 
 from mallowspo.cli.errors import UserError, user_errors
 from mallowspo.cli.run_config import argument_parser, parse_run_config, setup_logging
 from mallowspo.training.checkpoints import is_complete_checkpoint, resolve_checkpoint
 from mallowspo.training.config import accelerator_available
 from mallowspo.training.data import load_preference_dataset, prepare_preference_dataset
-from mallowspo.training.models import check_model_source, ensure_pad_token, load_causal_lm
+from mallowspo.training.loading import check_model_source, check_tokenizer_fits, load_causal_lm, load_tokenizer
 from mallowspo.training.outputs import check_output_dir
 from mallowspo.training.trainer import MallowsPOTrainer
 
@@ -130,10 +129,7 @@ def build_trainer(model_args, script_args, training_args):
     check_model_source(model_args.model_name_or_path)
     train_dataset = load_preference_dataset(script_args.dataset_name, script_args.dataset_train_split)
     eval_dataset = load_preference_dataset(*script_args.eval_source()) if script_args.evaluates else None
-    tokenizer = AutoTokenizer.from_pretrained(
-        model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code
-    )
-    ensure_pad_token(tokenizer)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
     # Validate and tokenize the rows before the model loads (the trainer takes tokenized data as is).
     data_config, reports = training_args.to_data_config(), {}
     train_dataset, reports["train"] = prepare_preference_dataset(train_dataset, tokenizer, data_config, name="train")
@@ -142,6 +138,7 @@ def build_trainer(model_args, script_args, training_args):
     model = load_causal_lm(
         model_args.model_name_or_path, model_args.dtype, model_args.trust_remote_code, model_args.attn_implementation
     )
+    check_tokenizer_fits(model, tokenizer, model_args.model_name_or_path)
     trainer = MallowsPOTrainer(
         model,
         args=training_args,

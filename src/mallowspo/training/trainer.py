@@ -47,8 +47,9 @@ from mallowspo.training.checkpoints import (
 from mallowspo.training.collate import PreferenceCollator, split_pairs
 from mallowspo.training.config import MallowsPOConfig
 from mallowspo.training.data import ValidationReport, check_tokenized_dataset, prepare_preference_dataset
+from mallowspo.training.loading import ensure_pad_token, load_causal_lm
 from mallowspo.training.metrics import MetricAccumulator, non_finite_message, pair_metrics
-from mallowspo.training.models import REFERENCE_KINDS, ensure_pad_token, is_peft_model, load_causal_lm, prepare_models
+from mallowspo.training.models import REFERENCE_KINDS, is_peft_model, prepare_models
 from mallowspo.training.outputs import (
     CONFIG_FILE,
     DISPERSION_FILE,
