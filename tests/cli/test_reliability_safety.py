@@ -134,3 +134,27 @@ def test_default_run_makes_no_network_request(run_cli, tmp_path, monkeypatch, no
     assert len(saved) == 1
     history = json.loads((saved[0].parent / "trainer_state.json").read_text())["log_history"]
     assert max(h["step"] for h in history) == 2
+
+
+class _Payload:
+    """What an attacker would put in a checkpoint: unpickling it runs code."""
+
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_a_poisoned_checkpoint_is_refused_in_one_line_and_never_run(run_cli, make_recipe, tmp_path, capsys):
+    import pickle
+
+    out = tmp_path / "out"
+    recipe = dict(output_dir=str(out), max_steps=1, save_strategy="steps", save_steps=1)
+    assert run_cli("train", "--config", make_recipe(**recipe))[0] == 0
+    rng_state = next((out / "checkpoint-1").glob("rng_state*.pth"))
+    rng_state.write_bytes(pickle.dumps(_Payload()))
+    code, out_text, err = run_cli(
+        "train", "--config", make_recipe(**{**recipe, "max_steps": 2}), "--resume_from_checkpoint", "last"
+    )
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err and "weights_only=False" not in err
+    assert line.startswith(f"error: checkpoint {out / 'checkpoint-1'} holds a file with pickled objects"), line
+    assert "pwned" not in out_text

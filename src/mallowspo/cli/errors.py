@@ -55,6 +55,9 @@ def is_user_facing(error: BaseException) -> bool:
     data = sys.modules.get("mallowspo.training.data.validate")  # loaded whenever its error can have been raised
     if data is not None and isinstance(error, data.DataValidationError):
         return True
+    checkpoints = sys.modules.get("mallowspo.training.checkpoints")  # likewise
+    if checkpoints is not None and isinstance(error, checkpoints.CheckpointError):
+        return True
     if isinstance(error, (UserError, FileNotFoundError, FloatingPointError)):
         return True
     return isinstance(error, OSError) and error.errno in ENVIRONMENT_ERRNOS

@@ -18,6 +18,20 @@ STATE_FILE = "trainer_state.json"
 TRAINING_ARGS_PICKLE = "training_args.bin"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from safely; the message names it and what to do."""
+
+
+def refused_pickle_message(checkpoint: str | Path, error: BaseException) -> str:
+    """Why resuming stopped when a checkpoint file held more than tensors (torch.load with
+    weights_only=True refuses to run its pickled code)."""
+    return (
+        f"checkpoint {checkpoint} holds a file with pickled objects other than tensors and plain data "
+        f"({type(error).__name__}), which mallowspo refuses to load: it can run code. If the checkpoint is not "
+        "yours, it may have been tampered with; resume from another checkpoint, or start over"
+    )
+
+
 def is_complete_checkpoint(path: str | Path) -> bool:
     """Whether a checkpoint directory was fully written: the Trainer writes trainer_state.json
     last, so a run killed while saving leaves a directory without a readable one."""

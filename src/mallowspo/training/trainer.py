@@ -20,6 +20,7 @@ This module only wires the parts together; the life of a run:
 from __future__ import annotations
 
 import logging
+import pickle
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,11 @@ from mallowspo.losses import PreferenceLossOutput, preference_loss
 from mallowspo.training.checkpoints import (
     STATE_FILE,
     TRAINING_ARGS_PICKLE,
+    CheckpointError,
     check_checkpoint_owner,
     check_output_dir_owner,
     clear_output_dir,
+    refused_pickle_message,
     resolve_checkpoint,
     run_identity,
     write_identity,
@@ -334,7 +337,12 @@ class MallowsPOTrainer(Trainer):
             resume_from_checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if self.run_identity is not None:
             self._claim_output_dir(resume_from_checkpoint if resuming else None)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        except pickle.UnpicklingError as error:  # torch.load(weights_only=True) refused a checkpoint file
+            if not resuming:
+                raise
+            raise CheckpointError(refused_pickle_message(resume_from_checkpoint, error)) from error
 
     def check_run_owner(self, checkpoint: str | None = None) -> bool:
         """Raise ValueError when ``checkpoint`` (to resume from) or output_dir holds another run (see
