@@ -194,3 +194,21 @@ def check_checkpoint_owner(checkpoint: str | Path, identity: dict[str, Any]) -> 
             f"checkpoint {checkpoint} belongs to another run (settings differ: {'; '.join(differences[:3])}); "
             "resume it with its own settings, or start over"
         )
+
+
+def check_run_owner(
+    output_dir: str | Path, identity: dict[str, Any], checkpoint: str | Path | None, overwrite: bool
+) -> bool:
+    """Both checks of a run about to train: the checkpoint it resumes from (if any) and its output_dir."""
+    if checkpoint is not None:
+        check_checkpoint_owner(checkpoint, identity)
+    return check_output_dir_owner(output_dir, identity, resuming=checkpoint is not None, overwrite=overwrite)
+
+
+def claim_output_dir(output_dir: str | Path, identity: dict[str, Any], clear: bool) -> None:
+    """Clear ``output_dir`` of an earlier run's results when ``clear`` (overwrite_output_dir), then mark
+    it as this run's."""
+    if clear:
+        logger.warning("overwrite_output_dir: clearing %s of an earlier run's results", output_dir)
+        clear_output_dir(output_dir)
+    write_identity(output_dir, identity)

@@ -30,8 +30,9 @@ import datasets
 import numpy as np
 import torch
 import yaml
+from trl.trainer.utils import get_config_model_id
 
-from mallowspo.training.models import is_peft_model
+from mallowspo.training.models import REFERENCE_KINDS, is_peft_model
 
 CONFIG_FILE = "mallowspo_config.yaml"
 DISPERSION_FILE = "dispersion.jsonl"
@@ -336,3 +337,31 @@ def disk_full_save(
             "Free some space or choose another --output_dir"
         )
         raise OSError(code, message) from error
+
+
+def model_card_facts(trainer: Any) -> dict[str, Any]:
+    """The facts ``render_model_card`` formats, from a ``MallowsPOTrainer``: its settings, run
+    metadata, validation reports, last logged metrics and the train split's dispersion."""
+    args, metadata = trainer.args, trainer.run_metadata
+    base = metadata.get("model", {}).get("model_name_or_path") or get_config_model_id(
+        trainer.accelerator.unwrap_model(trainer.model).config
+    )
+    facts: dict[str, Any] = {
+        "model_name": Path(args.output_dir).name,
+        "base_model": base,
+        "dataset": metadata.get("data", {}).get("dataset_name", "unknown"),
+        "config": args.to_dict(),
+        "data": {name: report.summary().splitlines()[0] for name, report in trainer.validation_reports.items()},
+        "metrics": trainer.last_logged_metrics(),
+    }
+    train = trainer.train_dataset
+    if train is not None and "neg_log_phi" in train.column_names:
+        facts["dispersion"] = {
+            "source": args.dispersion_source,
+            "normalization": args.dispersion_normalization,
+            "phi_star": trainer.phi_star,
+            "clamp": args.dispersion_clamp,
+            "entropy_model": REFERENCE_KINDS[trainer.reference_kind],
+            "summary": summary_statistics(np.asarray(train["neg_log_phi"])),
+        }
+    return facts

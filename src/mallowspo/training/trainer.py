@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import torch
 from transformers import AutoTokenizer, PreTrainedModel, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -39,9 +38,8 @@ from mallowspo.training.checkpoints import (
     STATE_FILE,
     TRAINING_ARGS_PICKLE,
     CheckpointError,
-    check_checkpoint_owner,
-    check_output_dir_owner,
-    clear_output_dir,
+    check_run_owner,
+    claim_output_dir,
     refused_pickle_message,
     resolve_checkpoint,
     run_identity,
@@ -50,7 +48,7 @@ from mallowspo.training.checkpoints import (
 from mallowspo.training.collate import PreferenceCollator, split_pairs
 from mallowspo.training.config import MallowsPOConfig
 from mallowspo.training.data import ValidationReport, check_tokenized_dataset, prepare_preference_dataset
-from mallowspo.training.loading import ensure_pad_token, load_causal_lm
+from mallowspo.training.loading import check_tokenizer_fits, ensure_pad_token, load_causal_lm
 from mallowspo.training.metrics import MetricAccumulator, non_finite_message, pair_metrics
 from mallowspo.training.models import REFERENCE_KINDS, is_peft_model, prepare_models
 from mallowspo.training.outputs import (
@@ -58,8 +56,8 @@ from mallowspo.training.outputs import (
     DISPERSION_FILE,
     check_output_dir,
     disk_full_save,
+    model_card_facts,
     output_bytes_needed,
-    summary_statistics,
     write_dispersion_jsonl,
     write_model_card,
     write_resolved_config,
@@ -96,7 +94,8 @@ class MallowsPOTrainer(Trainer):
 
     After construction: ``reference_results`` (split -> ``ReferenceResult``: the cache
     directory and whether it was reused), ``validation_reports`` (split -> report),
-    ``phi_star`` (fitted or fixed phi* of the entropy estimate, or None).
+    ``phi_star`` (fitted or fixed phi* of the entropy estimate, or None), ``reference_kind`` (a key of
+    ``training.models.REFERENCE_KINDS``) and ``run_identity`` (what a checkpoint of this run must match).
     """
 
     loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; the Trainer divides by accumulation
@@ -122,6 +121,7 @@ class MallowsPOTrainer(Trainer):
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(get_config_model_id(model.config))
         ensure_pad_token(processing_class)
+        check_tokenizer_fits(model, processing_class, get_config_model_id(model.config))
 
         self.run_metadata = dict(run_metadata or {})
         self.validation_reports = dict(validation_reports or {})
@@ -141,7 +141,7 @@ class MallowsPOTrainer(Trainer):
         weights = (
             weights_fingerprint(ref_model if ref_model is not None else model) if args.runs_reference_pass else ""
         )
-        model, ref_model, self._reference_kind = prepare_models(model, ref_model, args, peft_config)
+        model, ref_model, self.reference_kind = prepare_models(model, ref_model, args, peft_config)
         if args.should_save:  # before the reference pass and training: fail now, not at the first save
             check_output_dir(args.output_dir, output_bytes_needed(model, args))
         super().__init__(
@@ -160,12 +160,12 @@ class MallowsPOTrainer(Trainer):
             )
         self._metrics = {"train": MetricAccumulator(), "eval": MetricAccumulator()}
         self.ref_model = self._place_reference(ref_model)
-        logger.info("reference: %s", REFERENCE_KINDS[self._reference_kind])
+        logger.info("reference: %s", REFERENCE_KINDS[self.reference_kind])
         if args.reference_free and args.runs_reference_pass:
             logger.info(
                 "%s is reference-free: the dispersion entropy comes from %s",
                 args.loss_type,
-                REFERENCE_KINDS[self._reference_kind],
+                REFERENCE_KINDS[self.reference_kind],
             )
         self.reference_results: dict[str, ReferenceResult] = {}
         self.phi_star: float | None = None
@@ -345,30 +345,20 @@ class MallowsPOTrainer(Trainer):
             raise CheckpointError(refused_pickle_message(resume_from_checkpoint, error)) from error
 
     def check_run_owner(self, checkpoint: str | None = None) -> bool:
-        """Raise ValueError when ``checkpoint`` (to resume from) or output_dir holds another run (see
-        ``training.checkpoints``); changes nothing. True when output_dir must be cleared first
-        (overwrite_output_dir). `mallowspo train` calls it before training; ``train`` again."""
+        """Raise ValueError when ``checkpoint`` (to resume from) or output_dir holds another run;
+        changes nothing; True when output_dir must be cleared first (``training.checkpoints.check_run_owner``).
+        `mallowspo train` calls it before training; ``train`` again."""
         if self.run_identity is None:
             return False
-        if checkpoint is not None:
-            check_checkpoint_owner(checkpoint, self.run_identity)
-        return check_output_dir_owner(
-            self.args.output_dir,
-            self.run_identity,
-            resuming=checkpoint is not None,
-            overwrite=self.args.overwrite_output_dir,
-        )
+        return check_run_owner(self.args.output_dir, self.run_identity, checkpoint, self.args.overwrite_output_dir)
 
     def _claim_output_dir(self, checkpoint: str | None) -> None:
-        """Refuse an output_dir that holds another run's results (or clear it, with overwrite_output_dir),
-        then mark it as this run's (``mallowspo_run.json``, all a resume needs)."""
-        clear = self.check_run_owner(checkpoint)  # on every process (it only reads), so that all stop alike
+        """Check on every process (it only reads, so all stop alike), then clear (overwrite_output_dir)
+        and mark output_dir as this run's (``mallowspo_run.json``, all a resume needs) on the main one."""
+        clear = self.check_run_owner(checkpoint)
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            if clear:
-                logger.warning("overwrite_output_dir: clearing %s of an earlier run's results", self.args.output_dir)
-                clear_output_dir(self.args.output_dir)
-            write_identity(self.args.output_dir, self.run_identity)
+            claim_output_dir(self.args.output_dir, self.run_identity, clear)
         self.accelerator.wait_for_everyone()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -416,7 +406,7 @@ class MallowsPOTrainer(Trainer):
             self.state.save_to_json(str(output_dir / STATE_FILE))  # the log history, for scripts and plots
             if self.train_dataset is not None and "neg_log_phi" in self.train_dataset.column_names:
                 write_dispersion_jsonl(output_dir / DISPERSION_FILE, self.train_dataset)
-            write_model_card(output_dir, self.model_card_facts())
+            write_model_card(output_dir, model_card_facts(self))
 
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """The Trainer's checkpoint; one that fills the disk is removed and raises OSError(ENOSPC) naming it."""
@@ -430,7 +420,7 @@ class MallowsPOTrainer(Trainer):
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """Write the MallowsPO model card to ``output_dir/README.md`` (replaces the Trainer's draft)."""
         if self.args.should_save:
-            write_model_card(self.args.output_dir, self.model_card_facts())
+            write_model_card(self.args.output_dir, model_card_facts(self))
 
     def resolved_config(self) -> dict[str, dict[str, Any]]:
         """Every setting of the run: ``run_metadata`` sections (model, data, set by the CLI) plus training."""
@@ -444,29 +434,3 @@ class MallowsPOTrainer(Trainer):
         for entry in self.state.log_history:
             merged.update(entry)
         return merged
-
-    def model_card_facts(self) -> dict[str, Any]:
-        """The facts ``render_model_card`` formats."""
-        model_meta = self.run_metadata.get("model", {})
-        data_meta = self.run_metadata.get("data", {})
-        base = model_meta.get("model_name_or_path") or get_config_model_id(
-            self.accelerator.unwrap_model(self.model).config
-        )
-        facts: dict[str, Any] = {
-            "model_name": Path(self.args.output_dir).name,
-            "base_model": base,
-            "dataset": data_meta.get("dataset_name", "unknown"),
-            "config": self.args.to_dict(),
-            "data": {name: report.summary().splitlines()[0] for name, report in self.validation_reports.items()},
-            "metrics": self.last_logged_metrics(),
-        }
-        if self.train_dataset is not None and "neg_log_phi" in self.train_dataset.column_names:
-            facts["dispersion"] = {
-                "source": self.args.dispersion_source,
-                "normalization": self.args.dispersion_normalization,
-                "phi_star": self.phi_star,
-                "clamp": self.args.dispersion_clamp,
-                "entropy_model": REFERENCE_KINDS[self._reference_kind],
-                "summary": summary_statistics(np.asarray(self.train_dataset["neg_log_phi"])),
-            }
-        return facts
