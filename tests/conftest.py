@@ -112,6 +112,38 @@ def mallowspo_cache(tmp_path, monkeypatch):
     return root
 
 
+@pytest.fixture(scope="session")
+def reference_pass():
+    """reference_pass(raw, tokenizer, model, config) -> (ReferenceResult, tokenized dataset): the cached
+    reference pass over raw preference rows, on a copy of ``model`` with the completion head."""
+    import copy
+
+    from accelerate import Accelerator
+
+    from mallowspo.training.collate import PreferenceCollator
+    from mallowspo.training.data import prepare_preference_dataset
+    from mallowspo.training.head import add_completion_head
+    from mallowspo.training.reference import load_or_compute_reference_columns, weights_fingerprint
+
+    def run(raw, tokenizer, model, config):
+        dataset, _ = prepare_preference_dataset(raw, tokenizer, config)
+        patched = copy.deepcopy(model)
+        add_completion_head(patched)
+        result = load_or_compute_reference_columns(
+            patched.eval(),
+            dataset,
+            PreferenceCollator(tokenizer.pad_token_id),
+            Accelerator(cpu=True),
+            batch_size=8,
+            weights=weights_fingerprint(model),
+            tokenizer=tokenizer,
+            data_settings=config,
+        )
+        return result, dataset
+
+    return run
+
+
 # END trainer / reference pass / train CLI fixtures
 # --------------------------------------------------------------------------------------
 

@@ -14,13 +14,10 @@ import logging
 import numpy as np
 import pytest
 import torch
-from accelerate import Accelerator
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mallowspo.training.collate import PreferenceCollator
-from mallowspo.training.data import PreferenceDataConfig, load_preference_dataset, prepare_preference_dataset
-from mallowspo.training.head import add_completion_head
-from mallowspo.training.reference import load_or_compute_reference_columns, token_fingerprint, weights_fingerprint
+from mallowspo.training.data import PreferenceDataConfig, load_preference_dataset
+from mallowspo.training.reference import token_fingerprint
 
 torch.set_num_threads(1)
 
@@ -35,25 +32,10 @@ def inputs(tiny_lm_dir, tiny_prefs_path):
     return raw, tokenizer, model
 
 
-def patched(model):
-    model = copy.deepcopy(model)
-    add_completion_head(model)
-    return model.eval()
-
-
-def run_pass(raw, tokenizer, model, config=BASE):
-    dataset, _ = prepare_preference_dataset(raw, tokenizer, config)
-    result = load_or_compute_reference_columns(
-        patched(model),
-        dataset,
-        PreferenceCollator(tokenizer.pad_token_id),
-        Accelerator(cpu=True),
-        batch_size=8,
-        weights=weights_fingerprint(model),
-        tokenizer=tokenizer,
-        data_settings=config,
-    )
-    return result, dataset
+@pytest.fixture
+def run_pass(reference_pass):
+    """run_pass(raw, tokenizer, model, config=BASE): the shared reference pass."""
+    return lambda raw, tokenizer, model, config=BASE: reference_pass(raw, tokenizer, model, config)
 
 
 def change(what, raw, tokenizer, model):
@@ -83,7 +65,7 @@ SAME_TOKENS = {"tokenizer", "chat template", "max length", "reference weights"}
 
 
 @pytest.mark.parametrize("what", CHANGES, ids=[c or "nothing" for c in CHANGES])
-def test_each_cache_key_input_changed_alone_recomputes(what, inputs, mallowspo_cache, caplog):
+def test_each_cache_key_input_changed_alone_recomputes(what, inputs, mallowspo_cache, caplog, run_pass):
     raw, tokenizer, model = inputs
     first, dataset = run_pass(raw, tokenizer, model)
     assert not first.reused
@@ -102,7 +84,7 @@ def test_each_cache_key_input_changed_alone_recomputes(what, inputs, mallowspo_c
     assert third.reused and third.cache_dir == second.cache_dir
 
 
-def test_damaged_entry_is_recomputed_and_replaced(inputs, mallowspo_cache, caplog):
+def test_damaged_entry_is_recomputed_and_replaced(inputs, mallowspo_cache, caplog, run_pass):
     raw, tokenizer, model = inputs
     first, _ = run_pass(raw, tokenizer, model)
     (first.cache_dir / "columns.npz").write_bytes(b"PK\x03\x04 cut short")  # a damaged file
@@ -115,7 +97,7 @@ def test_damaged_entry_is_recomputed_and_replaced(inputs, mallowspo_cache, caplo
         np.testing.assert_array_equal(third.columns[name], values)
 
 
-def test_unwritable_cache_only_warns(inputs, tmp_path, monkeypatch, caplog):
+def test_unwritable_cache_only_warns(inputs, tmp_path, monkeypatch, caplog, run_pass):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     monkeypatch.setenv("MALLOWSPO_CACHE", str(blocker / "cache"))  # cannot be created
@@ -126,7 +108,7 @@ def test_unwritable_cache_only_warns(inputs, tmp_path, monkeypatch, caplog):
     assert "could not cache the results" in caplog.text and "continuing without the cache" in caplog.text
 
 
-def test_nan_reference_pass_is_an_error_and_caches_nothing(inputs, mallowspo_cache):
+def test_nan_reference_pass_is_an_error_and_caches_nothing(inputs, mallowspo_cache, run_pass):
     raw, tokenizer, model = inputs
     broken = copy.deepcopy(model)
     with torch.no_grad():

@@ -11,7 +11,6 @@ save leaves behind when the disk is full.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import errno
 import logging
@@ -28,15 +27,12 @@ from mallowspo.cli.errors import is_user_facing, one_line
 from mallowspo.dispersion import UNINFORMATIVE_MEAN_HBAR, UNINFORMATIVE_SPREAD, uninformative_entropy
 from mallowspo.testing.tiny import tiny_run_settings
 from mallowspo.training import outputs
-from mallowspo.training.collate import PreferenceCollator
 from mallowspo.training.config import MallowsPOConfig
 from mallowspo.training.data import PreferenceDataConfig, load_preference_dataset, prepare_preference_dataset
-from mallowspo.training.head import add_completion_head
 from mallowspo.training.outputs import disk_full_errno
 from mallowspo.training.reference import (
     REFERENCE_COLUMNS,
     cache_dir_for,
-    load_or_compute_reference_columns,
     reference_cache_key,
     token_fingerprint,
     tokenizer_fingerprint,
@@ -65,25 +61,13 @@ def lm(tiny_lm_dir):
 # ---------------------------------------------------------------------------------------
 
 
-def run_pass(raw, lm):
-    model, tokenizer = lm
-    dataset, _ = prepare_preference_dataset(raw, tokenizer, DATA)
-    patched = copy.deepcopy(model)
-    add_completion_head(patched)
-    result = load_or_compute_reference_columns(
-        patched.eval(),
-        dataset,
-        PreferenceCollator(tokenizer.pad_token_id),
-        Accelerator(cpu=True),
-        batch_size=8,
-        weights=weights_fingerprint(model),
-        tokenizer=tokenizer,
-        data_settings=DATA,
-    )
-    return result, dataset
+@pytest.fixture
+def run_pass(reference_pass):
+    """run_pass(raw, lm): the shared reference pass with this file's data settings."""
+    return lambda raw, lm: reference_pass(raw, lm[1], lm[0], DATA)
 
 
-def test_nan_cache_entry_at_the_pass_key_is_recomputed_not_reused(raw, lm, mallowspo_cache, caplog):
+def test_nan_cache_entry_at_the_pass_key_is_recomputed_not_reused(raw, lm, mallowspo_cache, caplog, run_pass):
     model, tokenizer = lm
     dataset, _ = prepare_preference_dataset(raw, tokenizer, DATA)
     key, components = reference_cache_key(  # the key the pass computes for these inputs
@@ -124,7 +108,9 @@ DAMAGES = {
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
-def test_cache_entry_with_impossible_values_is_recomputed_and_replaced(damage, raw, lm, mallowspo_cache, caplog):
+def test_cache_entry_with_impossible_values_is_recomputed_and_replaced(
+    damage, raw, lm, mallowspo_cache, caplog, run_pass
+):
     column, row, value, expected = DAMAGES[damage]
     first, _ = run_pass(raw, lm)
     columns = {name: values.copy() for name, values in first.columns.items()}
