@@ -12,7 +12,18 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mallowspo"
-MATH_MODULES = ("mallows", "links", "losses", "dispersion")
+MATH_MODULES = (
+    "mallows",
+    "links",
+    "losses",
+    "listwise",
+    "objective",
+    "dispersion",
+    "annotators",
+    "annotator_prior",
+    "annotator_rankings",
+    "annotator_columns",
+)
 MATH_THIRD_PARTY = {"numpy", "scipy", "torch"}
 
 

@@ -16,22 +16,30 @@ reference model and the example, and carries no gradient.
 The one dispersion path. Whatever its source, the per-example -log phi(x) comes from
 ``dispersion_estimate(source, ...)``, which the trainer and `mallowspo dispersion` both call:
 
-    entropy    -phi* log Hbar(x) (eq. 10), phi* fitted ("mean": the mean estimate is 1) or fixed,
-               then clamped; a phi* fitted on the train split is passed back in for the others
-    constant   the same value for every example (1.0 with the theta variant is DPO)
-    column     values given per example in the data, used as given
+    entropy     -phi* log Hbar(x) (eq. 10), phi* fitted ("mean": the mean estimate is 1) or fixed,
+                then clamped; a phi* fitted on the train split is passed back in for the others
+    annotators  phi* E[-log phi(x) | annotations]: the posterior mean from the data's annotator votes
+                or rankings (``annotator_columns``, notes §8) under a Beta prior fitted on the train
+                split (passed back in for the others, as phi* is), normalised and clamped as entropy is
+    constant    the same value for every example (1.0 with the theta variant is DPO)
+    column      values given per example in the data, used as given
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from mallowspo.annotator_columns import AnnotatorColumns, annotator_estimate
+from mallowspo.annotators import BetaPrior, neg_log_phi_from_rankings, neg_log_phi_from_votes  # noqa: F401 (re-export)
+
 DEFAULT_MIN_HBAR = 1e-6  # bounds -log Hbar by 13.8 when the reference is certain
-DISPERSION_SOURCES = ("entropy", "constant", "column")
+DISPERSION_SOURCES = ("entropy", "annotators", "constant", "column")
+NORMALIZED_SOURCES = ("entropy", "annotators")  # the sources that dispersion_normalization and _clamp apply to
 DEFAULT_CLAMP = (0.05, 20.0)
 
 
@@ -104,35 +112,72 @@ def estimate_neg_log_phi(
         if phi_star != "mean":
             raise ValueError(f"phi_star must be 'mean' or a positive number, got {phi_star!r}")
         phi_star = fit_phi_star(hbar, min_hbar)
-    elif not phi_star > 0:
+    return scale_and_clamp(neg_log_phi_from_entropy(hbar, 1.0, min_hbar), phi_star, clamp), float(phi_star)
+
+
+@torch.no_grad()
+def scale_and_clamp(raw: torch.Tensor, phi_star: float, clamp: tuple[float, float] | None) -> torch.Tensor:
+    """phi* raw, bounded by ``clamp`` = (min, max) when given: the last step of every normalised source."""
+    if not phi_star > 0:
         raise ValueError(f"phi_star must be > 0, got {phi_star}")
-    estimate = neg_log_phi_from_entropy(hbar, float(phi_star), min_hbar)
+    estimate = float(phi_star) * raw
     if clamp is not None:
         low, high = clamp
         if not 0 <= low <= high:
             raise ValueError(f"dispersion clamp needs 0 <= min <= max, got ({low}, {high})")
         estimate = estimate.clamp(low, high)
-    return estimate, float(phi_star)
+    return estimate
 
 
 @dataclass(frozen=True)
 class DispersionSource:
-    """Where -log phi(x) comes from, and how the entropy estimate is normalised and bounded.
+    """Where -log phi(x) comes from, and how the entropy and annotator estimates are normalised
+    and bounded.
 
     The field names are those of ``MallowsPOConfig`` without the ``dispersion_`` prefix, and
     this is their one validator.
 
     source: one of ``DISPERSION_SOURCES``.
-    normalization: phi* of the entropy estimate: "mean" (fitted so that the mean is 1) or a
-        fixed number > 0 (the authors' code uses 0.29).
-    clamp: (min, max) bounds on the entropy estimate, or None.
+    normalization: phi* of the entropy or annotator estimate: "mean" (fitted so that the mean is 1)
+        or a fixed number > 0 (the authors' code uses 0.29 for the entropy; 1 keeps the annotators'
+        measured -log phi(x) as it is).
+    clamp: (min, max) bounds on the entropy or annotator estimate, or None.
     constant: -log phi(x) of every example for the ``constant`` source (> 0).
+    votes_column, chosen_votes_column, rejected_votes_column, strengths_column, rankings_column,
+        format, consensus: where the ``annotators`` source finds the annotations and how it counts
+        them (``annotator_columns.AnnotatorColumns``; one of the columns, the two vote counts, or a
+        format).
     """
 
     source: str = "entropy"
     normalization: float | str = "mean"
     clamp: tuple[float, float] | None = DEFAULT_CLAMP
     constant: float = 1.0
+    votes_column: str | None = None
+    chosen_votes_column: str | None = None
+    rejected_votes_column: str | None = None
+    strengths_column: str | None = None
+    rankings_column: str | None = None
+    format: str | None = None
+    consensus: str = "majority"
+
+    @property
+    def annotators(self) -> AnnotatorColumns:
+        """The annotation settings, as ``annotator_columns`` reads them."""
+        return AnnotatorColumns(
+            votes=self.votes_column,
+            chosen_votes=self.chosen_votes_column,
+            rejected_votes=self.rejected_votes_column,
+            strengths=self.strengths_column,
+            rankings=self.rankings_column,
+            format=self.format,
+            consensus=self.consensus,
+        )
+
+    @property
+    def annotation_columns(self) -> tuple[str, ...]:
+        """The data columns the estimate reads (none unless the source is annotators)."""
+        return self.annotators.columns if self.source == "annotators" else ()
 
     def __post_init__(self) -> None:
         if self.source not in DISPERSION_SOURCES:
@@ -156,14 +201,17 @@ class DispersionSource:
             raise ValueError(f"dispersion_constant must be > 0, got {self.constant}")
         if not math.isfinite(self.constant):
             raise ValueError(f"dispersion_constant must be a finite number, got {self.constant}")
+        self.annotators.check(self.source)
 
 
 @dataclass(frozen=True)
 class DispersionEstimate:
-    """Per-example -log phi(x), (N,) float64, and the phi* of the entropy estimate (else None)."""
+    """Per-example -log phi(x), (N,) float64; the phi* of the entropy or annotator estimate (else
+    None); and the Beta prior of the annotator estimate (else None)."""
 
     neg_log_phi: torch.Tensor
     phi_star: float | None
+    prior: BetaPrior | None = None
 
 
 @torch.no_grad()
@@ -173,7 +221,10 @@ def dispersion_estimate(
     size: int,
     hbar: torch.Tensor | np.ndarray | None = None,
     column: torch.Tensor | np.ndarray | None = None,
+    annotations: Mapping[str, Sequence] | None = None,
     phi_star: float | None = None,
+    prior: BetaPrior | tuple[float, float] | None = None,
+    rows: Sequence[int] | None = None,
 ) -> DispersionEstimate:
     """-log phi(x) for ``size`` examples from ``source``.
 
@@ -182,8 +233,12 @@ def dispersion_estimate(
         size: the number of examples N.
         hbar: (N,) Hbar(x) of eq. 11, needed by the ``entropy`` source.
         column: (N,) values given in the data, needed by the ``column`` source.
-        phi_star: a phi* fitted on another split (the train split); with the ``entropy``
-            source and ``normalization="mean"`` it is used instead of fitting on ``hbar``.
+        annotations: column name -> (N,) values of ``source.annotation_columns``, needed by the
+            ``annotators`` source.
+        phi_star: a phi* fitted on another split (the train split); with the ``entropy`` or
+            ``annotators`` source and ``normalization="mean"`` it is used instead of fitting here.
+        prior: the annotators' Beta prior fitted on another split (the train split); None fits it here.
+        rows: (N,) data row of each example, named by errors about annotation values (default 0..N-1).
     """
     if source.source == "constant":
         return DispersionEstimate(torch.full((size,), float(source.constant), dtype=torch.float64), None)
@@ -191,11 +246,48 @@ def dispersion_estimate(
         if column is None:
             raise ValueError("dispersion_source='column' needs the per-example values of dispersion_column")
         return DispersionEstimate(_as_float64(column, size, "column"), None)
+    if source.source == "annotators":
+        return _annotator_dispersion(source, size, annotations, phi_star, prior, rows)
     if hbar is None:
         raise ValueError("dispersion_source='entropy' needs Hbar(x) from the reference pass")
     normalization = phi_star if (phi_star is not None and source.normalization == "mean") else source.normalization
     estimates, used = estimate_neg_log_phi(_as_float64(hbar, size, "hbar"), phi_star=normalization, clamp=source.clamp)
     return DispersionEstimate(estimates, used)
+
+
+def _annotator_dispersion(
+    source: DispersionSource,
+    size: int,
+    annotations: Mapping[str, Sequence] | None,
+    phi_star: float | None,
+    prior: BetaPrior | tuple[float, float] | None,
+    rows: Sequence[int] | None,
+) -> DispersionEstimate:
+    """phi* E[-log phi(x) | annotations], clamped: the ``annotators`` source of ``dispersion_estimate``."""
+    if annotations is None:
+        raise ValueError(f"dispersion_source='annotators' needs the values of {source.annotators.where()}")
+    raw, prior = annotator_estimate(source.annotators, annotations, prior=prior, rows=rows)
+    raw = _as_float64(raw, size, "the annotator estimate")
+    if source.normalization != "mean":
+        phi_star = float(source.normalization)
+    elif phi_star is None:
+        mean = float(raw.mean())
+        if not mean > 1e-12:
+            raise ValueError(
+                f"the annotator estimate of -log phi(x) has mean {mean:.3g} <= 0 over these {size} examples (most "
+                "annotators prefer the rejected responses), so the mean-1 normalisation is undefined: check the "
+                "labels, use dispersion_consensus 'majority', or a fixed dispersion_normalization"
+            )
+        phi_star = 1.0 / mean
+    estimate = scale_and_clamp(raw, phi_star, source.clamp)
+    if source.clamp is None and not (estimate > 0).all():
+        i = int(torch.argmax((estimate <= 0).long()))
+        raise ValueError(
+            f"data row {rows[i] if rows is not None else i}: the annotator estimate of -log phi(x) is "
+            f"{float(estimate[i]):.3g} <= 0 (its annotators prefer the rejected response), which the objective cannot "
+            "use: set dispersion_clamp (its min is the smallest weight), or use dispersion_consensus 'majority'"
+        )
+    return DispersionEstimate(estimate, float(phi_star), BetaPrior(*prior))
 
 
 # When the entropy estimate carries no information (``uninformative_entropy``). Measured Hbar

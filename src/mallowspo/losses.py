@@ -6,7 +6,8 @@ Delta = [log pi(yw) - log pi_ref(yw)] - [log pi(yl) - log pi_ref(yl)]:
     sigmoid  DPO (Rafailov et al. 2023)            -log sigmoid(z), with optional label
                                                    smoothing eps (cDPO): -(1-eps) log s(z) - eps log s(-z)
     robust   robust DPO (Chowdhury et al. 2024)    [-(1-eps) log s(z) + eps log s(-z)] / (1 - 2 eps)
-    ipo      IPO (Azar et al. 2023)                (Delta - 1 / (2 beta))^2
+    ipo      IPO (Azar et al. 2023)                (Delta - 1 / (2 beta))^2, with Delta from per-token
+                                                   mean log-ratios by default (as TRL, and the IPO authors)
     hinge    SLiC hinge (Zhao et al. 2023)         relu(1 - z)
     simpo    SimPO (Meng et al. 2024), reference-free: Delta = log pi(yw)/|yw| - log pi(yl)/|yl|,
                                                    -log sigmoid(z - gamma)
@@ -18,7 +19,12 @@ Mallows modifier (``mallows``), with the per-prompt estimate L(x) = -log phi(x) 
            i.e. a prompt-dependent KL strength. Convention: the factor 2 of eq. 8
            (c(x) = -2 log phi(x)) is absorbed in beta, as in the authors' code, so
            L(x) = 1 for every x is exactly the base objective. For SimPO the margin is
-           scaled with it: -log sigmoid(L(x) (z - gamma)) (authors' code).
+           scaled with it: -log sigmoid(L(x) (z - gamma)) (authors' code). For IPO two forms
+           exist (``ipo_form``, same per-pair optimum Delta = 1 / (2 beta L), different
+           weights): ``scaled_margin`` (default; the authors' MallowsIPO and RainbowPO's)
+           (L(x) Delta - 1 / (2 beta))^2, and ``scaled_beta`` (beta -> beta L(x) in IPO,
+           Prop. 4's reading) (Delta - 1 / (2 beta L(x)))^2 = the former / L(x)^2, which
+           grows without bound as L(x) -> 0.
     phi    MallowsPO-phi (eq. 9, Thm. 1): the logistic link sigmoid(.) is replaced by the
            Kendall link g_phi(.) with phi(x) = exp(-L(x)), under a smoothing (see
            ``mallowspo.links``). Only defined for the likelihood losses (sigmoid, robust,
@@ -40,6 +46,7 @@ from mallowspo.links import log_smoothed_phi_link
 
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
 MALLOWS_VARIANTS = ("none", "theta", "phi")
+IPO_FORMS = ("scaled_margin", "scaled_beta")
 _LIKELIHOOD_LOSSES = ("sigmoid", "robust", "simpo")
 _REFERENCE_FREE_LOSSES = ("simpo",)
 
@@ -50,7 +57,8 @@ class PreferenceLossOutput:
 
     losses: the objective per pair (mean it for the batch loss).
     chosen_rewards / rejected_rewards: implicit rewards, TRL's definition, detached:
-        beta * (log pi - log pi_ref) for reference-based losses, beta * log pi / |y| for SimPO.
+        beta * (log pi - log pi_ref) (summed over tokens, even where the loss averages them, as
+        TRL's DPOTrainer logs them) for reference-based losses, beta * log pi / |y| for SimPO.
     margins: the signed quantity fed to the link, beta * Delta (minus gamma for SimPO),
         before the Mallows scaling, detached.
     """
@@ -73,8 +81,11 @@ def check_loss_options(
     label_smoothing: float = 0.0,
     phi_smoothing: str = "cubic",
     smoothing_eps: float | str = 0.1,
+    ipo_form: str = "scaled_margin",
 ) -> None:
     """Raise ValueError naming the problem for any invalid combination of loss options."""
+    if ipo_form not in IPO_FORMS:
+        raise ValueError(f"unknown ipo_form {ipo_form!r}; choose one of {IPO_FORMS}")
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"unknown loss_type {loss_type!r}; choose one of {LOSS_TYPES}")
     if mallows not in MALLOWS_VARIANTS:
@@ -126,6 +137,22 @@ def implicit_reward_margin(
     return chosen, rejected
 
 
+def default_length_normalize(loss_type: str) -> bool:
+    """Whether ``loss_type`` averages log-ratios over completion tokens by default: SimPO (its
+    definition) and IPO (TRL's DPOTrainer, and the IPO authors' reported form)."""
+    return loss_type in ("simpo", "ipo")
+
+
+def _ipo_losses(delta: torch.Tensor, beta: float, scale: torch.Tensor | None, ipo_form: str) -> torch.Tensor:
+    """IPO's (Delta - 1/(2 beta))^2, and with a theta scale L(x) one of the two MallowsIPO forms."""
+    if scale is None:
+        return (delta - 1.0 / (2.0 * beta)) ** 2
+    if ipo_form == "scaled_margin":
+        return (scale * delta - 1.0 / (2.0 * beta)) ** 2
+    # L(x) = 0 would mean an infinite IPO target; the floor keeps the loss finite.
+    return (delta - 1.0 / (2.0 * beta * scale.clamp(min=1e-6))) ** 2
+
+
 def _log_link(z: torch.Tensor, mallows: str, neg_log_phi, phi_smoothing: str, smoothing_eps) -> torch.Tensor:
     """log p(chosen > rejected) for the scaled margin z under the chosen link."""
     if mallows == "phi":
@@ -150,6 +177,7 @@ def preference_loss(
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     length_normalize: bool | None = None,
+    ipo_form: str = "scaled_margin",
 ) -> PreferenceLossOutput:
     """Per-example preference losses and implicit rewards (see the module docstring).
 
@@ -166,16 +194,19 @@ def preference_loss(
         label_smoothing: eps of cDPO (sigmoid) and robust DPO.
         simpo_gamma: SimPO target margin gamma (in reward units, i.e. already times beta).
         chosen_lengths, rejected_lengths: (B,) completion token counts, for length normalisation.
-        length_normalize: divide log-ratios by the lengths; defaults to True for simpo, else False.
+        length_normalize: divide log-ratios by the lengths; defaults to True for simpo and ipo (TRL's
+            IPO), else False.
+        ipo_form: the MallowsIPO form with mallows="theta": "scaled_margin" (the authors') or
+            "scaled_beta" (see the module docstring).
     """
-    check_loss_options(loss_type, mallows, beta, label_smoothing, phi_smoothing, smoothing_eps)
+    check_loss_options(loss_type, mallows, beta, label_smoothing, phi_smoothing, smoothing_eps, ipo_form)
     reference_free = is_reference_free(loss_type)
     if not reference_free and (ref_chosen_logps is None or ref_rejected_logps is None):
         raise ValueError(f"loss_type={loss_type!r} needs reference log-probs (ref_chosen_logps, ref_rejected_logps)")
     if mallows != "none" and neg_log_phi is None:
         raise ValueError(f"mallows={mallows!r} needs the per-example dispersion neg_log_phi")
     if length_normalize is None:
-        length_normalize = reference_free
+        length_normalize = default_length_normalize(loss_type)
     # float16 tops out at 65504, which beta * Delta * L(x) can pass: such inputs are computed
     # (and the losses returned) in float32. bfloat16 has float32's range and is kept.
     policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = (
@@ -200,9 +231,7 @@ def preference_loss(
     z = margin * scale if scale is not None else margin
 
     if loss_type == "ipo":
-        # L(x) = 0 would mean an infinite IPO target; the floor keeps the loss finite.
-        effective_beta = beta * scale.clamp(min=1e-6) if scale is not None else beta
-        losses = (delta - 1.0 / (2.0 * effective_beta)) ** 2
+        losses = _ipo_losses(delta, beta, scale, ipo_form)
     elif loss_type == "hinge":
         losses = torch.relu(1.0 - z)
     else:
@@ -217,9 +246,18 @@ def preference_loss(
             else:  # sigmoid, simpo: conservative label smoothing (cDPO)
                 losses = -(1.0 - eps) * log_p_chosen - eps * log_p_rejected
 
+    if length_normalize and not reference_free:  # TRL logs the summed log-ratios as rewards
+        chosen_logratios, rejected_logratios = implicit_reward_margin(
+            policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+        )
     return PreferenceLossOutput(
         losses=losses,
         chosen_rewards=(beta * chosen_logratios).detach(),
         rejected_rewards=(beta * rejected_logratios).detach(),
         margins=margin.detach(),
     )
+
+
+# Listwise objectives (Plackett-Luce, all pairs) over K ranked responses; see mallowspo.listwise.
+from mallowspo.listwise import ListwiseLossOutput as ListwiseLossOutput  # noqa: E402
+from mallowspo.listwise import listwise_loss as listwise_loss  # noqa: E402

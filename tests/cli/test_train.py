@@ -251,7 +251,39 @@ def test_naming_a_model_or_dataset_gives_the_documented_defaults_not_the_builtin
     from_recipe = train_command.parse_run_config(str(recipe), [])
     (model_a, script_a, args), (model_b, script_b, args_b) = from_command_line, from_recipe
     assert vars(model_a) == vars(model_b) and vars(script_a) == vars(script_b) and args.to_dict() == args_b.to_dict()
-    assert (args.max_length, args.max_prompt_length, args.learning_rate) == (1024, 512, 1e-6)
+    assert (args.max_length, args.max_prompt_length, args.learning_rate) == (1024, None, 1e-6)
     for only_one in (keys[:2], keys[2:]):
         with pytest.raises(ValueError, match="is required"):
             train_command.parse_run_config(None, only_one)
+
+
+def test_help_lists_every_key_once_grouped_mallowspos_first():
+    from mallowspo.cli.fields_help import field_groups
+    from mallowspo.cli.run_config import argument_parser, known_keys
+
+    groups = field_groups()
+    titles = [title for title, _ in groups]
+    assert titles[0] == "MallowsPO: objective" and titles[-1] == "Training (transformers.TrainingArguments)"
+    listed = [f.name for _, fields in groups for f in fields]
+    assert len(listed) == len(set(listed))  # each key once
+    assert set(listed) == known_keys(argument_parser())  # and every key the run accepts
+
+
+def test_trl_list_keys_on_the_command_line():
+    model_args, script_args, args = train_command.parse_run_config(
+        None,
+        [
+            "--model_name_or_path",
+            "m",
+            "--dataset_name",
+            "d",
+            "--loss_type",
+            "sigmoid",
+            "sft",
+            "--loss_weights",
+            "1",
+            "0.5",
+        ]
+        + ["--mallows", "none"],
+    )
+    assert args.loss_type == ["sigmoid", "sft"] and args.loss_weights == [1.0, 0.5]

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 from mallowspo.experiments.world import corpus
-from mallowspo.experiments.world.annotators import annotate, annotator_ranks, central_order
+from mallowspo.experiments.world.annotators import (
+    annotate,
+    annotate_list,
+    annotator_ranks,
+    central_order,
+    check_annotators,
+)
 from mallowspo.experiments.world.paths import ASSETS_DIR, WorldPaths
 from mallowspo.experiments.world.reward import sentiment_reward, sentiment_rewards
 from mallowspo.mallows import pairwise_prob
@@ -97,9 +103,42 @@ def test_annotated_pair_is_top_against_bottom_and_ties_are_broken_at_random():
     pair = annotate([0.1, 0.9, -0.3, 0.5], 1e-9, rng)  # phi ~ 0: the annotator returns mu0
     assert (pair.chosen, pair.rejected) == (1, 2)
     assert (pair.chosen_central_rank, pair.rejected_central_rank) == (0, 3)
-    assert pair.annotator_ranking == (1, 3, 0, 2)
+    assert pair.annotator_ranking == pair.central_ranking == (1, 3, 0, 2)
     firsts = {int(central_order([0.2, 0.2, -1.0], rng)[0]) for _ in range(50)}
     assert firsts == {0, 1}
+
+
+def test_first_of_several_annotators_is_the_single_annotator_whatever_their_number():
+    rewards = [0.3, -0.2, 0.8, 0.1]
+    single = annotate(rewards, 0.6, np.random.default_rng(5))
+    for m in (1, 2, 7):
+        listed = annotate_list(rewards, 0.6, m, np.random.default_rng(5), np.random.default_rng([5, 1]))
+        assert listed.pair == single
+        ranks = listed.rankings
+        assert ranks.shape == (m, 4) and (np.sort(ranks, axis=1) == np.arange(4)).all()
+        assert tuple(np.argsort(ranks[0])) == single.annotator_ranking
+        votes = listed.votes()
+        assert votes[0] == 1 and set(votes.tolist()) <= {1, -1}
+        assert (votes == np.where(ranks[:, single.chosen] < ranks[:, single.rejected], 1, -1)).all()
+
+
+def test_other_annotators_rank_around_the_reward_order():
+    rewards = [0.1, 0.9, -0.3, 0.5]  # best first: 1, 3, 0, 2
+    listed = annotate_list(rewards, 1e-9, 4, np.random.default_rng(0), np.random.default_rng(1))
+    assert (listed.rankings == [2, 0, 3, 1]).all()  # phi ~ 0: everyone returns mu0
+    noisy = annotate_list(rewards, 0.9, 400, np.random.default_rng(0), np.random.default_rng(1)).rankings
+    assert 0.35 < np.mean(noisy[:, 1] < noisy[:, 3]) < 0.7  # phi near 1: adjacent pairs near a coin flip
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "5"])
+def test_annotators_per_prompt_must_be_a_positive_integer(bad):
+    from mallowspo.experiments.world.data import WorldDataConfig
+
+    with pytest.raises(ValueError, match="annotators per prompt"):
+        check_annotators(bad)
+    with pytest.raises(ValueError, match="annotators per prompt"):
+        WorldDataConfig(annotators_per_prompt=bad)
+    assert WorldDataConfig().annotators_per_prompt == 5
 
 
 # ----------------------------------------------------------------------------- a miniature built world
@@ -151,6 +190,20 @@ def test_mini_world_data_is_deterministic_under_its_seed(mini_world, tmp_path):
     read = lambda name: (tmp_path / name / "train.jsonl").read_text() + (tmp_path / name / "test.jsonl").read_text()
     assert read("a") == mini_world.train_file.read_text() + mini_world.test_file.read_text()  # fixture: seed 0
     assert read("a") != read("c")
+    # the lists go beside the named directory, never into it (which then loads as pairs)
+    assert (tmp_path / "a-lists" / "train.jsonl").read_text() == mini_world.train_lists_file.read_text()
+    assert not any(p.name != "report.json" and "list" in p.name for p in (tmp_path / "a").iterdir())
+
+
+def test_mini_world_lists_rank_the_pairs_responses(mini_world):
+    pairs = [json.loads(line) for line in mini_world.train_file.read_text().splitlines()]
+    lists = [json.loads(line) for line in mini_world.train_lists_file.read_text().splitlines()]
+    assert [r["prompt_id"] for r in lists] == [r["prompt_id"] for r in pairs]
+    for pair, row in zip(pairs, lists):
+        assert row["responses"][row["ranking"][0]] == pair["chosen"]
+        assert row["responses"][row["ranking"][-1]] == pair["rejected"]
+        assert len(row["annotator_rankings"]) == len(pair["votes"]) == 5
+        assert pair["chosen_votes"] + pair["rejected_votes"] == 5
 
 
 # ----------------------------------------------------------------------------- the shipped world

@@ -34,7 +34,8 @@ def test_theta_with_unit_dispersion_is_dpo_and_matches_textbook_formula():
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "ipo", "hinge", "simpo"])
 def test_theta_scale_c_is_base_loss_with_beta_times_c(loss_type):
-    # Statement 1 (Prop. 4): per example, theta with L(x) = c is the base loss at beta * c.
+    # Statement 1 (Prop. 4): per example, theta with L(x) = c is the base loss at beta * c
+    # (for IPO: the scaled_beta form; the authors' scaled_margin form is that times c^2, tested below).
     pc, pr, rc, rr = batch()
     c = torch.tensor([0.3, 0.7, 1.0, 1.5, 2.0, 4.0], dtype=f64)
     lengths = dict(chosen_lengths=torch.tensor([3, 5, 7, 2, 9, 4]), rejected_lengths=torch.tensor([4, 4, 6, 8, 1, 2]))
@@ -50,6 +51,7 @@ def test_theta_scale_c_is_base_loss_with_beta_times_c(loss_type):
         neg_log_phi=c,
         label_smoothing=0.1,
         simpo_gamma=gamma,
+        ipo_form="scaled_beta",
         **lengths,
     ).losses
     for i in range(6):
@@ -77,8 +79,8 @@ def test_base_objectives_match_their_papers():
     assert torch.allclose(cdpo, -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z))
     robust = preference_loss(pc, pr, rc, rr, loss_type="robust", beta=beta, label_smoothing=eps).losses
     assert torch.allclose(robust, (-(1 - eps) * F.logsigmoid(z) + eps * F.logsigmoid(-z)) / (1 - 2 * eps))
-    ipo = preference_loss(pc, pr, rc, rr, loss_type="ipo", beta=beta).losses
-    assert torch.allclose(ipo, ((pc - rc) - (pr - rr) - 1 / (2 * beta)) ** 2)
+    ipo_sum = preference_loss(pc, pr, rc, rr, loss_type="ipo", beta=beta, length_normalize=False).losses
+    assert torch.allclose(ipo_sum, ((pc - rc) - (pr - rr) - 1 / (2 * beta)) ** 2)
     hinge = preference_loss(pc, pr, rc, rr, loss_type="hinge", beta=beta).losses
     assert torch.allclose(hinge, torch.relu(1 - z))
     lc, lr = torch.tensor([2, 3, 4, 5, 6, 7]), torch.tensor([7, 6, 5, 4, 3, 2])
@@ -87,6 +89,45 @@ def test_base_objectives_match_their_papers():
     )
     assert torch.allclose(simpo.losses, -F.logsigmoid(2.0 * (pc / lc - pr / lr) - 0.5))
     assert torch.allclose(simpo.chosen_rewards, 2.0 * pc / lc)
+
+
+def test_ipo_averages_log_ratios_per_token_by_default_as_trl():
+    # trl 1.16 DPOTrainer, loss_type="ipo": ((chosen_logratio / |yw| - rejected_logratio / |yl|) - 1/(2 beta))^2;
+    # its logged rewards stay the summed beta * log-ratios.
+    pc, pr, rc, rr = batch()
+    lc, lr = torch.tensor([2, 3, 4, 5, 6, 7]), torch.tensor([7, 6, 5, 4, 3, 2])
+    beta = 0.5
+    out = preference_loss(pc, pr, rc, rr, loss_type="ipo", beta=beta, chosen_lengths=lc, rejected_lengths=lr)
+    per_token = (pc - rc) / lc - (pr - rr) / lr
+    assert torch.allclose(out.losses, (per_token - 1 / (2 * beta)) ** 2)
+    assert torch.allclose(out.chosen_rewards, beta * (pc - rc))
+    assert torch.allclose(out.rejected_rewards, beta * (pr - rr))
+
+
+def test_mallows_ipo_forms_authors_scaled_margin_and_scaled_beta():
+    # The authors' MallowsIPO: (L Delta - 1/(2 beta))^2; the scaled_beta form (Delta - 1/(2 beta L))^2 is it / L^2:
+    # same per-pair optimum Delta = 1/(2 beta L), different weights.
+    pc, pr, rc, rr = batch()
+    L = torch.tensor([1e-3, 0.2, 0.9, 1.0, 2.5, 4.0], dtype=f64)
+    beta = 0.1
+    delta = (pc - rc) - (pr - rr)
+    common = dict(loss_type="ipo", beta=beta, mallows="theta", neg_log_phi=L, length_normalize=False)
+    authors = preference_loss(pc, pr, rc, rr, **common).losses
+    assert torch.allclose(authors, (L * delta - 1 / (2 * beta)) ** 2)
+    scaled_beta = preference_loss(pc, pr, rc, rr, ipo_form="scaled_beta", **common).losses
+    assert torch.allclose(scaled_beta, (delta - 1 / (2 * beta * L)) ** 2)
+    assert torch.allclose(authors, scaled_beta * L**2)
+    # Near-uniform reference (tiny L): the authors' form stays near (1/(2 beta))^2, the other explodes.
+    assert float(authors[0]) < 30.0 and float(scaled_beta[0]) > 1e6
+    # Both vanish at the same optimum.
+    optimum = 1 / (2 * beta * L)
+    for form in ("scaled_margin", "scaled_beta"):
+        at_opt = preference_loss(
+            optimum, torch.zeros_like(L), torch.zeros_like(L), torch.zeros_like(L), ipo_form=form, **common
+        ).losses
+        assert torch.allclose(at_opt, torch.zeros_like(L), atol=1e-9)
+    with pytest.raises(ValueError, match="unknown ipo_form 'x'"):
+        preference_loss(pc, pr, rc, rr, ipo_form="x", **common)
 
 
 def test_phi_loss_is_minus_log_of_the_phi_link():

@@ -154,8 +154,12 @@ PROBLEM_CASES = [
     ("completion_empty_after_truncation", {}, "completion_empty_after_truncation", [1, 3]),
     ("bad_dispersion", {"dispersion_column": "neg_log_phi"}, "bad_dispersion", [1, 2, 3, 4, 5, 6]),
     ("mixed_formats", {}, "mixed_formats", [2]),
+    ("bad_tools", {}, "bad_tools", [1, 2]),
+    ("bad_chat_template_kwargs", {}, "bad_chat_template_kwargs", [1, 2]),
+    ("missing_tools", {}, "missing_tools", [1, 2]),
+    ("completion_too_long", {"truncation_mode": "keep_end", "max_length": 16}, "completion_too_long", [1]),
 ]
-FATAL_CASES = {"mixed_formats"}
+FATAL_CASES = {"mixed_formats", "missing_tools"}
 
 
 def test_every_problem_kind_has_a_fixture():
@@ -325,12 +329,41 @@ def test_truncation_respects_budgets_and_keeps_prompt_intact(name, tiny_tokenize
     assert any(len(r) < len(full[i]["chosen_input_ids"]) for r, i in zip(out["chosen_input_ids"], out["row_index"]))
 
 
+@pytest.mark.parametrize("name", ["standard_explicit", "conversational_explicit"])
+def test_keep_end_cuts_the_prompt_start_once_for_both_completions(name, tiny_tokenizer):
+    dataset = load(name)
+    full, _ = prepare(dataset, tiny_tokenizer, max_length=None)
+    max_length, max_completion = 16, 8
+    out, report = prepare(
+        dataset,
+        tiny_tokenizer,
+        max_length=max_length,
+        max_completion_length=max_completion,
+        truncation_mode="keep_end",
+    )
+    assert report.problems == {} and len(out) == len(dataset)
+    for row in out:
+        reference = full[row["row_index"]]
+        completions = [row[c] for c in ("chosen_input_ids", "rejected_input_ids")]
+        for kept, column in zip(completions, ("chosen_input_ids", "rejected_input_ids")):
+            assert kept == reference[column][:max_completion]  # completions keep their start
+        longest = max(len(c) for c in completions)
+        prompt = reference["prompt_input_ids"]
+        assert row["prompt_input_ids"] == prompt[-(max_length - longest) :]  # the prompt keeps its end
+    cut = [i for i, (a, b) in enumerate(zip(out, full)) if a != b]
+    assert cut and report.notes["truncated"] == cut
+
+
 def test_config_rejects_meaningless_budgets():
     with pytest.raises(ValueError, match="max_completion_length"):
         PreferenceDataConfig(max_completion_length=0)
     with pytest.raises(ValueError, match="max_length"):
         PreferenceDataConfig(max_length=1, max_prompt_length=None)
-    PreferenceDataConfig(max_length=256)  # max_prompt_length=256 too: rows then check there is room
+    with pytest.raises(ValueError, match=r"max_length \(64\) must exceed max_prompt_length \(64\)"):
+        PreferenceDataConfig(max_length=64, max_prompt_length=64)
+    with pytest.raises(ValueError, match="truncation_mode must be one of 'keep_start', 'keep_end', got 'left'"):
+        PreferenceDataConfig(truncation_mode="left")
+    PreferenceDataConfig(max_length=128)  # no prompt budget of its own: rows then check there is room
 
 
 # ----------------------------------------------------------------------------------------
@@ -441,15 +474,17 @@ def test_load_empty_json_array(tmp_path):
 def test_hub_id_goes_to_load_dataset_and_failures_are_explained(monkeypatch):
     calls = []
 
-    def fake_load_dataset(source, split=None, **kwargs):
-        calls.append((source, split))
+    def fake_load_dataset(source, name=None, split=None, **kwargs):
+        calls.append((source, name, split))
         raise ConnectionError("no network\nlong details")
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     expected = r"'org/prefs'.*hub dataset \(split 'test'\).*ConnectionError: no network"
     with pytest.raises(DataValidationError, match=expected):
         load_preference_dataset("org/prefs", split="test")
-    assert calls == [("org/prefs", "test")]
+    with pytest.raises(DataValidationError, match=expected):
+        load_preference_dataset("org/prefs", split="test", config_name="default")  # TRL's dataset_config
+    assert calls == [("org/prefs", None, "test"), ("org/prefs", "default", "test")]
 
 
 def test_loaded_file_name_appears_in_validation_errors(tiny_tokenizer):

@@ -149,6 +149,6 @@ def test_models_with_head_quirks_use_trls_head(monkeypatch):
     monkeypatch.setattr(head_module, "_needs_trl_head", lambda config: True)
     add_completion_head(model)
     calls = []
-    monkeypatch.setattr(head_module, "completion_log_probs", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(head_module, "completion_scores", lambda *a, **k: calls.append(1))
     out = model(**batch(), completion_head=True)
     assert not calls and out.log_probs.shape == (3, 11)  # TRL's head answered

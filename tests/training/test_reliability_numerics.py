@@ -139,7 +139,7 @@ def test_extreme_log_ratio_differences_through_the_trainer(tiny_lm_dir, raw_data
     batch["ref_chosen_logps"] = batch["ref_chosen_logps"] - 1e4 * sign
     batch["ref_rejected_logps"] = batch["ref_rejected_logps"] + 1e4 * sign
     for loss_type, mallows in OBJECTIVES:
-        trainer.args.loss_type, trainer.args.mallows = loss_type, mallows
+        trainer.args.loss_type, trainer.args.mallows = [loss_type], mallows
         loss, finite_grads = loss_and_gradients(trainer, batch)
         assert torch.isfinite(loss) and finite_grads, (loss_type, mallows, loss)
 
@@ -147,7 +147,8 @@ def test_extreme_log_ratio_differences_through_the_trainer(tiny_lm_dir, raw_data
 @pytest.mark.parametrize("loss_type,mallows", OBJECTIVES)
 def test_extreme_float16_log_ratios_give_finite_losses(loss_type, mallows):
     """float16 inputs (max 65504) are computed in float32: beta * 2e4 * L(x) would overflow.
-    (L >= 0.01 here: IPO's gradient 2 (Delta - 1 / (2 beta L)) itself passes 65504 below that.)"""
+    (For MallowsIPO, the authors' form's gradient 2 L (L Delta - 1 / (2 beta)) itself passes 65504 at
+    Delta = 2e4 once L > 1, so L <= 1 there.)"""
     delta = torch.tensor([-1e4, -50.0, 0.0, 50.0, 1e4], dtype=torch.float16)
     chosen = delta.clone().requires_grad_(True)
     zeros = torch.zeros(5, dtype=torch.float16)
@@ -159,7 +160,7 @@ def test_extreme_float16_log_ratios_give_finite_losses(loss_type, mallows):
         loss_type=loss_type,
         mallows=mallows,
         beta=0.5,
-        neg_log_phi=torch.tensor([30.0, 9.0, 1.0, 0.5, 0.01]),
+        neg_log_phi=torch.tensor([1.0, 0.9, 0.5, 0.1, 0.01] if loss_type == "ipo" else [30.0, 9.0, 1.0, 0.5, 0.01]),
         chosen_lengths=torch.ones(5),
         rejected_lengths=torch.ones(5),
     ).losses

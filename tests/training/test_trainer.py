@@ -65,7 +65,7 @@ def test_unit_dispersion_loss_equals_dpo(tiny_lm_dir, raw_data, tmp_path, mallow
                 p.add_(0.01 * torch.randn_like(p))
     loss_dpo, out_dpo = dpo.compute_loss(dpo.model, batch, return_outputs=True)
     loss_mallows, out_mallows = mallows.compute_loss(mallows.model, batch, return_outputs=True)
-    assert out_dpo.margins.abs().max() > 1e-3
+    assert out_dpo.preference.margins.abs().max() > 1e-3
     torch.testing.assert_close(out_mallows.losses, out_dpo.losses, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(loss_mallows, loss_dpo)
 
@@ -103,11 +103,13 @@ def test_online_reference_is_a_frozen_copy_of_the_initial_model(tiny_lm_dir, raw
     initial = {k: v.clone() for k, v in trainer.ref_model.state_dict().items()}
     batch = first_batch(trainer)
     _, out = trainer.compute_loss(trainer.model, batch, return_outputs=True)
-    torch.testing.assert_close(out.chosen_rewards, torch.zeros(8), atol=1e-5, rtol=0)  # policy == reference at step 0
+    torch.testing.assert_close(
+        out.preference.chosen_rewards, torch.zeros(8), atol=1e-5, rtol=0
+    )  # policy == reference at step 0
     trainer.train()
     assert all(torch.equal(v, trainer.ref_model.state_dict()[k]) for k, v in initial.items())
     _, out = trainer.compute_loss(trainer.model, first_batch(trainer), return_outputs=True)
-    assert out.chosen_rewards.abs().max() > 1e-4  # the policy moved away from the frozen copy
+    assert out.preference.chosen_rewards.abs().max() > 1e-4  # the policy moved away from the frozen copy
 
 
 def test_simpo_with_mallows_uses_initial_policy_entropy(tiny_lm_dir, raw_data, tmp_path, mallowspo_cache, caplog):

@@ -15,11 +15,19 @@ Writes to DIR (default runs/dispersion):
     summary.json       phi*, settings, mean / std / range / quantiles of -log phi(x) and Hbar
     histogram.png      the distribution of -log phi(x) (paper §5.1, Fig. 4)
     report.md          the summary and the most / least dispersed prompts (paper App. A)
+
+With ``dispersion_source: annotators`` the measured estimate is also checked against the entropy
+proxy of the same reference pass (same normalisation and clamp): the agreement histogram (votes
+agreeing with the consensus, by count, with the mean of each estimate), the two summaries side by
+side and their Spearman correlation, printed and written into report.md and summary.json
+("annotators"), and per pair into annotators.jsonl (row_index, agree, total, neg_log_phi,
+entropy_neg_log_phi, hbar).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -31,15 +39,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from accelerate import Accelerator  # noqa: E402
+from scipy.stats import spearmanr  # noqa: E402
 
+from mallowspo.annotator_columns import agreement  # noqa: E402
 from mallowspo.cli.errors import user_errors  # noqa: E402
 from mallowspo.cli.run_config import parse_run_config, setup_logging  # noqa: E402
+from mallowspo.dispersion import DispersionSource, dispersion_estimate, uninformative_entropy  # noqa: E402
 from mallowspo.training.collate import PreferenceCollator  # noqa: E402
 from mallowspo.training.data import load_preference_dataset, prepare_preference_dataset  # noqa: E402
 from mallowspo.training.head import add_completion_head  # noqa: E402
 from mallowspo.training.loading import check_model_source, check_tokenizer_fits, load_causal_lm, load_tokenizer  # noqa: E402
 from mallowspo.training.outputs import check_output_dir, summary_statistics, write_dispersion_jsonl  # noqa: E402
 from mallowspo.training.reference import (  # noqa: E402
+    annotation_values,
     load_or_compute_reference_columns,
     weights_fingerprint,
     with_columns,
@@ -87,9 +99,12 @@ def compute_dispersion(model_args, script_args, training_args) -> tuple[Any, dic
     """
     check_model_source(model_args.model_name_or_path)
     split = script_args.dataset_train_split
-    raw = load_preference_dataset(script_args.dataset_name, split)  # a bad file fails before the model loads
+    raw = load_preference_dataset(
+        script_args.dataset_name, split, script_args.dataset_config
+    )  # fails before the model
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
-    data_config = training_args.to_data_config()
+    settings = training_args.dispersion_settings()  # the annotation columns are carried even with mallows none
+    data_config = dataclasses.replace(training_args.to_data_config(), annotation_columns=settings.annotation_columns)
     dataset, report = prepare_preference_dataset(raw, tokenizer, data_config, name=split)
 
     model = load_causal_lm(
@@ -111,8 +126,7 @@ def compute_dispersion(model_args, script_args, training_args) -> tuple[Any, dic
         data_settings=data_config,
         name=split,
     )
-    settings = training_args.dispersion_settings()
-    dataset, estimate = with_dispersion(with_columns(dataset, result.columns), settings)
+    dataset, estimate = with_dispersion(with_columns(dataset, result.columns), settings, name=split)
     facts = {
         "model": model_args.model_name_or_path,
         "dataset": script_args.dataset_name,
@@ -126,7 +140,105 @@ def compute_dispersion(model_args, script_args, training_args) -> tuple[Any, dic
         "cache_dir": str(result.cache_dir),
         "cache_reused": result.reused,
     }
+    if settings.source == "annotators":
+        facts["prior"] = list(estimate.prior)
+        facts["annotators"] = annotator_comparison(dataset, settings)
     return dataset, facts
+
+
+# ---------------------------------------------------------------------------------------
+# Annotators against the entropy proxy
+# ---------------------------------------------------------------------------------------
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman's rank correlation, or None when one side is constant (it is then undefined)."""
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return None
+    return float(spearmanr(a, b).statistic)
+
+
+def annotator_comparison(dataset, settings: DispersionSource) -> dict[str, Any]:
+    """The annotator estimate (``neg_log_phi``) against the entropy one from the same ``hbar``, with
+    the same normalisation and clamp: agreement histogram, summaries, Spearman correlation; and,
+    per pair, the columns of annotators.jsonl (under "rows")."""
+    rows = dataset["row_index"]
+    agree, total = agreement(settings.annotators, annotation_values(dataset, settings), rows)
+    hbar = np.asarray(dataset["hbar"], dtype=np.float64)
+    entropy = dispersion_estimate(dataclasses.replace(settings, source="entropy"), size=len(dataset), hbar=hbar)
+    measured, proxy = np.asarray(dataset["neg_log_phi"], dtype=np.float64), entropy.neg_log_phi.numpy()
+    histogram = []
+    for a, t in sorted(set(zip(agree.tolist(), total.tolist())), key=lambda p: (-p[1], -p[0])):
+        mask = (agree == a) & (total == t)
+        histogram.append(
+            {
+                "agree": a,
+                "total": t,
+                "pairs": int(mask.sum()),
+                "annotators": measured[mask].mean(),
+                "entropy": proxy[mask].mean(),
+            }
+        )
+    return {
+        "annotations": settings.annotators.where(),
+        "consensus": settings.consensus,
+        "kind": settings.annotators.kind,
+        "histogram": histogram,
+        "summary": {"annotators": summary_statistics(measured), "entropy": summary_statistics(proxy)},
+        "entropy_phi_star": entropy.phi_star,
+        "spearman": spearman(measured, proxy),
+        "entropy_note": uninformative_entropy(hbar, proxy),
+        "rows": {
+            "row_index": rows,
+            "agree": agree.tolist(),
+            "total": total.tolist(),
+            "entropy_neg_log_phi": proxy.tolist(),
+        },
+    }
+
+
+def comparison_tables(comparison: dict[str, Any]) -> list[list[list[str]]]:
+    """The agreement histogram and the two summaries, as tables (header row first)."""
+    what = "pair orders with the center" if comparison["kind"] == "rankings" else "votes with the consensus"
+    histogram = [[what, "pairs", "-log phi, annotators", "-log phi, entropy"]] + [
+        [f"{h['agree']} of {h['total']}", str(h["pairs"]), f"{h['annotators']:.3f}", f"{h['entropy']:.3f}"]
+        for h in comparison["histogram"]
+    ]
+    stats = comparison["summary"]
+    keys = ("mean", "std", "min", "q25", "q50", "q75", "max")
+    summary = [["-log phi(x)", *keys]] + [
+        [name, *(f"{stats[name][k]:.3f}" for k in keys)] for name in ("annotators", "entropy")
+    ]
+    return [histogram, summary]
+
+
+def markdown_table(table: list[list[str]]) -> list[str]:
+    return [f"| {' | '.join(table[0])} |", "|" + "---|" * len(table[0])] + [f"| {' | '.join(r)} |" for r in table[1:]]
+
+
+def text_table(table: list[list[str]]) -> list[str]:
+    """Columns aligned: the first to the left, the others to the right."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in table
+    ]
+
+
+def comparison_lines(facts: dict[str, Any], render) -> list[str]:
+    """The annotators section, its tables drawn by ``render`` (``markdown_table`` or ``text_table``)."""
+    comparison = facts["annotators"]
+    a, b = facts["prior"]
+    lines = [
+        f"Annotations: {comparison['annotations']}, consensus {comparison['consensus']}; Beta prior a = {a:.3g}, "
+        f"b = {b:.3g} (fitted on this split); phi* = {facts['phi_star']:.4g}.",
+    ]
+    for table in comparison_tables(comparison):
+        lines += ["", *render(table)]
+    rho = f"{comparison['spearman']:.3f}" if comparison["spearman"] is not None else "undefined (one is constant)"
+    lines += ["", f"Spearman correlation of the annotator and entropy estimates over {facts['rows']} pairs: {rho}"]
+    if comparison["entropy_note"]:
+        lines.append(f"Note: {comparison['entropy_note']}.")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------
@@ -180,6 +292,11 @@ def estimator_text(facts: dict[str, Any]) -> str:
         )
     if facts["source"] == "constant":
         return "the same -log phi(x) for every pair (dispersion_source constant)"
+    if facts["source"] == "annotators":
+        return (
+            f"-log phi(x) = phi* E[-log phi(x) | annotations] (notes §8), phi* = {facts['phi_star']:.4g} "
+            f"(normalisation `{facts['normalization']}`), clamp {facts['clamp']}"
+        )
     return "-log phi(x) as given in the data (dispersion_source column)"
 
 
@@ -218,10 +335,15 @@ def render_report(facts: dict[str, Any], summary: dict[str, Any], table: list[di
             *header,
             *rows(reversed(table[-top:])),
             "",
+            *(annotator_section(facts) if "annotators" in facts else []),
             f"Data validation: {_clip(facts['validation'].splitlines()[0], 200)}",
             "",
         ]
     )
+
+
+def annotator_section(facts: dict[str, Any]) -> list[str]:
+    return ["## Annotators against the entropy proxy", "", *comparison_lines(facts, markdown_table), ""]
 
 
 def write_outputs(out: Path, dataset, facts: dict[str, Any], top: int) -> dict[str, Path]:
@@ -235,9 +357,26 @@ def write_outputs(out: Path, dataset, facts: dict[str, Any], top: int) -> dict[s
         "histogram": write_histogram(out / "histogram.png", values, short_estimator_text(facts)),
         "report": out / "report.md",
     }
-    paths["summary"].write_text(json.dumps({**facts, "summary": summary}, indent=2, default=str))
+    if "annotators" in facts:
+        paths["annotators"] = write_annotator_jsonl(out / "annotators.jsonl", dataset, facts["annotators"]["rows"])
+    written = (
+        {**facts, "annotators": {k: v for k, v in facts["annotators"].items() if k != "rows"}}
+        if "annotators" in facts
+        else facts
+    )
+    paths["summary"].write_text(json.dumps({**written, "summary": summary}, indent=2, default=str))
     paths["report"].write_text(render_report(facts, summary, per_prompt_table(dataset), top))
     return paths
+
+
+def write_annotator_jsonl(path: Path, dataset, rows: dict[str, list]) -> Path:
+    """Per pair: row_index, agree, total, neg_log_phi (annotators), entropy_neg_log_phi, hbar."""
+    columns = {**rows, "neg_log_phi": dataset["neg_log_phi"], "hbar": dataset["hbar"]}
+    order = ("row_index", "agree", "total", "neg_log_phi", "entropy_neg_log_phi", "hbar")
+    with path.open("w") as f:
+        for i in range(len(dataset)):
+            f.write(json.dumps({name: columns[name][i] for name in order}) + "\n")
+    return path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -252,4 +391,6 @@ def run(args: argparse.Namespace) -> int:
         f"{facts['rows']} pairs: -log phi mean {stats['mean']:.3f}, range [{stats['min']:.3f}, {stats['max']:.3f}], "
         f"{short_estimator_text(facts)}; wrote {', '.join(str(p) for p in paths.values())}"
     )
+    if "annotators" in facts:
+        print("\n".join(comparison_lines(facts, text_table)))
     return 0

@@ -20,7 +20,8 @@ import yaml
 from transformers import HfArgumentParser
 
 from mallowspo.cli.defaults import default_run_config
-from mallowspo.training.config import MallowsPOConfig, ModelArguments, ScriptArguments
+from mallowspo.training.arguments import ModelArguments, ScriptArguments
+from mallowspo.training.config import MallowsPOConfig
 
 # Other spellings accepted for a few keys (in YAML and on the command line).
 KEY_ALIASES = {"torch_dtype": "dtype", "dataset_path": "dataset_name"}
@@ -129,10 +130,11 @@ def _value_error(key: str, value: Any, hint: Any) -> str | None:
     kind = options[0]
     origin = typing.get_origin(kind)
     if origin is list:
-        if not isinstance(value, list):
-            return f"expected a list, got {value!r}"
         inner = typing.get_args(kind)
-        return next((e for v in value if inner and (e := _value_error(key, v, inner[0]))), None)
+        if not isinstance(value, list) and not (inner == (str,) and isinstance(value, str)):
+            return f"expected a list, got {value!r}"
+        values = value if isinstance(value, list) else [value]  # a list of names takes one name (`loss_type: ipo`)
+        return next((e for v in values if inner and (e := _value_error(key, v, inner[0]))), None)
     if kind is bool:
         return (
             None

@@ -26,13 +26,15 @@ from dataclasses import asdict
 from importlib.resources import files
 from pathlib import Path
 
+import torch
 import yaml
 
 from mallowspo.cli.errors import UserError, user_errors
+from mallowspo.cli.fields_help import fields_help
 from mallowspo.cli.run_config import argument_parser, parse_run_config, setup_logging
 from mallowspo.training.checkpoints import is_complete_checkpoint, resolve_checkpoint
 from mallowspo.training.config import accelerator_available
-from mallowspo.training.data import load_preference_dataset, prepare_preference_dataset
+from mallowspo.training.data import prepare_preference_dataset
 from mallowspo.training.loading import check_model_source, check_tokenizer_fits, load_causal_lm, load_tokenizer
 from mallowspo.training.outputs import check_output_dir
 from mallowspo.training.trainer import MallowsPOTrainer
@@ -46,13 +48,17 @@ logger = logging.getLogger("mallowspo.train")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (parser.description or "") + ". Any config field can be given as --key value."
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = fields_help()
     parser.add_argument("--config", help="recipe YAML file; without it, the built-in default run")
     parser.add_argument(
         "--accelerate_config",
         help=f"re-launch through `accelerate launch` with this config: one of {ACCELERATE_CONFIG_NAMES} or a path",
     )
     parser.add_argument("--num_processes", type=int, help="with --accelerate_config: the number of processes")
-    parser.add_argument("--show_fields", action="store_true", help="list every --key the run accepts and exit")
+    parser.add_argument(
+        "--show_fields", action="store_true", help="list every --key in transformers' argparse form and exit"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -127,8 +133,7 @@ def build_trainer(model_args, script_args, training_args):
     if checkpoint is not None:
         checkpoint = resolve_checkpoint(checkpoint, training_args.output_dir)
     check_model_source(model_args.model_name_or_path)
-    train_dataset = load_preference_dataset(script_args.dataset_name, script_args.dataset_train_split)
-    eval_dataset = load_preference_dataset(*script_args.eval_source()) if script_args.evaluates else None
+    train_dataset, eval_dataset = script_args.load_splits(training_args.seed)
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
     # Validate and tokenize the rows before the model loads (the trainer takes tokenized data as is).
     data_config, reports = training_args.to_data_config(), {}
@@ -136,7 +141,11 @@ def build_trainer(model_args, script_args, training_args):
     if eval_dataset is not None:
         eval_dataset, reports["eval"] = prepare_preference_dataset(eval_dataset, tokenizer, data_config, name="eval")
     model = load_causal_lm(
-        model_args.model_name_or_path, model_args.dtype, model_args.trust_remote_code, model_args.attn_implementation
+        model_args.model_name_or_path,
+        model_args.dtype,
+        model_args.trust_remote_code,
+        model_args.attn_implementation,
+        **model_args.init_kwargs(training_args.model_init_kwargs),
     )
     check_tokenizer_fits(model, tokenizer, model_args.model_name_or_path)
     trainer = MallowsPOTrainer(
@@ -149,6 +158,10 @@ def build_trainer(model_args, script_args, training_args):
         run_metadata={"model": asdict(model_args), "data": asdict(script_args)},
         validation_reports=reports,
     )
+    if script_args.ignore_bias_buffers:  # TRL's: DDP would fail on boolean buffers it cannot broadcast
+        trainer.model._ddp_params_and_buffers_to_ignore = [
+            name for name, buffer in trainer.model.named_buffers() if buffer.dtype == torch.bool
+        ]
     trainer.check_run_owner(checkpoint)  # another run's results or checkpoint: refused before training
     return trainer, checkpoint
 

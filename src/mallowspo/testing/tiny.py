@@ -90,6 +90,30 @@ def tiny_preferences_path() -> Path:
     return Path(str(files("mallowspo.testing") / "assets" / "tiny_prefs.jsonl"))
 
 
+def trl_parity_settings(**overrides) -> dict:
+    """Settings shared by ``DPOConfig`` and ``MallowsPOConfig`` for side-by-side runs with TRL on CPU:
+    SGD (Adam's first steps are about sign(gradient), so float noise in a near-zero gradient would
+    show in the weights), precomputed reference log-probs, a log every step, no truncation, no
+    saving; ``overrides`` change or add any key."""
+    settings = dict(
+        per_device_train_batch_size=4,
+        learning_rate=0.5,
+        optim="sgd",
+        beta=0.1,
+        precompute_ref_log_probs=True,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=0,
+        disable_tqdm=True,
+        dataloader_pin_memory=False,
+        use_cpu=True,
+        max_length=None,
+    )
+    settings.update(overrides)
+    return settings
+
+
 def tiny_run_settings(**overrides) -> dict:
     """``MallowsPOConfig`` / recipe settings for a short, quiet run on a tiny model: token budgets
     that fit the tiny preference file (48 tokens, prompts up to 24), lr 1e-3, seed 0, no

@@ -1,5 +1,11 @@
 """Resuming: which checkpoint directory is complete, which one to resume from, and which run an
-output directory and its checkpoints belong to (``mallowspo_run.json``)."""
+output directory and its checkpoints belong to (``mallowspo_run.json``).
+
+Pickles in a checkpoint: the Trainer's ``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth``
+(and ``scaler.pt`` with fp16). transformers (5.23) loads each with ``torch.load(weights_only=True)``,
+so a file holding more than tensors and plain data raises ``pickle.UnpicklingError`` instead of
+running; the trainer turns that into ``CheckpointError(refused_pickle_message(...))``. See
+docs/troubleshooting.md, "Which files in an output directory are pickles"."""
 
 from __future__ import annotations
 
@@ -88,7 +94,8 @@ RUN_FILE = "mallowspo_run.json"
 # ones (and the same model and train tokens). Logging, saving, evaluation and the step budget
 # may change between a run and its resumption.
 IDENTITY_KEYS = (
-    "loss_type", "beta", "label_smoothing", "mallows", "phi_smoothing", "smoothing_eps", "simpo_gamma",
+    "loss_type", "loss_weights", "ipo_form", "beta", "label_smoothing", "mallows", "phi_smoothing", "smoothing_eps",
+    "simpo_gamma", "router_aux_loss_coef", "truncation_mode",
     "length_normalize", "dispersion_source", "dispersion_normalization", "dispersion_clamp", "dispersion_constant",
     "dispersion_column", "precompute_ref_log_probs", "max_length", "max_prompt_length", "max_completion_length",
     "learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "adam_beta1", "adam_beta2",

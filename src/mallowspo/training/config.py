@@ -4,29 +4,31 @@
   subclass. Fields that mean the same as in TRL's ``DPOConfig`` carry TRL's names
   (``beta``, ``loss_type``, ``label_smoothing``, ``max_length``,
   ``precompute_ref_log_probs``, ``precompute_ref_batch_size``, ``disable_dropout``).
-- ``ModelArguments`` and ``ScriptArguments``: the command line's model and data
-  selection, like TRL's ``ModelConfig`` and ``ScriptArguments``.
+  The rest of TRL's ``DPOConfig`` keys come from ``training.trl_keys``.
 
-All three are plain dataclasses that ``transformers.HfArgumentParser`` reads from YAML
-and ``--key value`` pairs; each validates itself in ``__post_init__``.
+A plain dataclass that ``transformers.HfArgumentParser`` reads from YAML and ``--key value``
+pairs; it validates itself in ``__post_init__``. The command line's model and data selection
+are ``training.arguments``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from transformers import TrainingArguments
+from transformers.utils import is_torch_bf16_gpu_available
 
-from mallowspo.dispersion import DEFAULT_CLAMP, DISPERSION_SOURCES, DispersionSource
-from mallowspo.losses import LOSS_TYPES, MALLOWS_VARIANTS, check_loss_options, is_reference_free
+from mallowspo.dispersion import DEFAULT_CLAMP, DISPERSION_SOURCES, NORMALIZED_SOURCES, DispersionSource
+from mallowspo.losses import IPO_FORMS, MALLOWS_VARIANTS, is_reference_free
+from mallowspo.objective import OBJECTIVE_TERMS, check_objective, preference_terms
 from mallowspo.training.data import PreferenceDataConfig
+from mallowspo.training.packing import check_padding_free_settings
+from mallowspo.training.trl_keys import TRLDPOKeys, check_trl_keys, check_trl_loss_type
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +46,13 @@ def number_or_keyword(value: float | str, keyword: str, name: str) -> float | st
 
 
 @dataclass
-class MallowsPOConfig(TrainingArguments):
-    r"""Arguments of ``MallowsPOTrainer``: ``TrainingArguments`` plus the MallowsPO fields.
+class MallowsPOConfig(TRLDPOKeys, TrainingArguments):
+    r"""Arguments of ``MallowsPOTrainer``: ``TrainingArguments`` plus the MallowsPO fields, and
+    the rest of TRL's ``DPOConfig`` keys (``training.trl_keys``).
 
-    Objective (``mallowspo.losses``): ``loss_type`` is the base method (``sigmoid`` = DPO,
-    ``robust``, ``ipo``, ``hinge``, ``simpo``); ``mallows`` adds the per-prompt dispersion
+    Objective (``mallowspo.losses``, ``mallowspo.objective``): ``loss_type`` is the base method
+    (``sigmoid`` = DPO, ``robust``, ``ipo``, ``hinge``, ``simpo``), or TRL's list of terms with
+    ``loss_weights`` (``"sft"``: NLL on the chosen responses); ``mallows`` adds the per-prompt dispersion
     -log phi(x): ``none`` (the base method), ``theta`` (beta -> beta * -log phi(x), eq. 8,
     Prop. 4) or ``phi`` (the Kendall link g_phi, eq. 9, with ``phi_smoothing``).
 
@@ -56,6 +60,12 @@ class MallowsPOConfig(TrainingArguments):
       ``entropy``  -phi* log Hbar(x) from the reference model's entropy (eqs. 10-11), with
                    phi* from ``dispersion_normalization`` ("mean": dataset mean 1, or a fixed
                    number such as the authors' 0.29), bounded by ``dispersion_clamp``;
+      ``annotators`` measured from the data's annotators (``mallowspo.annotator_columns``): the
+                   posterior mean of -log phi(x) from the votes in ``dispersion_votes_column``, the
+                   counts in ``dispersion_chosen_votes_column`` / ``dispersion_rejected_votes_column``,
+                   the strengths in ``dispersion_strengths_column`` or the rankings in
+                   ``dispersion_rankings_column``, or those of a known layout (``dispersion_format``),
+                   counted as ``dispersion_consensus`` says; normalised and clamped as the entropy is;
       ``constant`` ``dispersion_constant`` for every example (1.0 with ``theta`` is DPO);
       ``column``   the values of the dataset column ``dispersion_column``, used as given.
     """
@@ -70,10 +80,25 @@ class MallowsPOConfig(TrainingArguments):
         },
     )
 
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 mixed precision. Default (TRL's): on where the GPU supports it and fp16 is off; off on "
+            "CPU (set it, with use_cpu, for bf16 on CPU)."
+        },
+    )
+
     # ---- objective ----
     beta: float = field(default=0.1, metadata={"help": "Inverse KL strength beta (> 0)."})
-    loss_type: str = field(
-        default="sigmoid", metadata={"help": f"Base objective, one of {LOSS_TYPES} (sigmoid = DPO)."}
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata={
+            "help": f"Objective, one of {OBJECTIVE_TERMS[:-1]} (sigmoid = DPO), or a list of terms summed with "
+            "loss_weights (TRL's), 'sft' included (NLL of the chosen responses)."
+        },
+    )
+    loss_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per loss_type term (TRL's); default 1 each."}
     )
     label_smoothing: float = field(
         default=0.0, metadata={"help": "Label smoothing eps of cDPO (sigmoid, simpo) and robust DPO, in [0, 0.5)."}
@@ -97,7 +122,17 @@ class MallowsPOConfig(TrainingArguments):
     simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO target margin gamma (reward units)."})
     length_normalize: bool | None = field(
         default=None,
-        metadata={"help": "Divide log-ratios by completion length; default: true for simpo, false otherwise."},
+        metadata={
+            "help": "Divide log-ratios by completion length; default: true for simpo and ipo (TRL's IPO), false "
+            "otherwise."
+        },
+    )
+    ipo_form: str = field(
+        default="scaled_margin",
+        metadata={
+            "help": f"MallowsIPO (ipo with mallows theta), one of {IPO_FORMS}: scaled_margin = the authors' "
+            "(L(x) Delta - 1/(2 beta))^2; scaled_beta = (Delta - 1/(2 beta L(x)))^2."
+        },
     )
 
     # ---- dispersion ----
@@ -106,17 +141,63 @@ class MallowsPOConfig(TrainingArguments):
     )
     dispersion_normalization: str = field(
         default="mean",
-        metadata={"help": "phi* of the entropy estimate: 'mean' (train-set mean of -log phi is 1) or a fixed number."},
+        metadata={
+            "help": "phi* of the entropy or annotator estimate: 'mean' (train-set mean of -log phi is 1) or a fixed "
+            "number (1 keeps the annotators' measured -log phi)."
+        },
     )
     dispersion_clamp: list[float] | None = field(
         default_factory=lambda: list(DEFAULT_CLAMP),
-        metadata={"help": "Bounds (min max) on the entropy estimate of -log phi(x); null for none."},
+        metadata={"help": "Bounds (min max) on the entropy or annotator estimate of -log phi(x); null for none."},
     )
     dispersion_constant: float = field(
         default=1.0, metadata={"help": "-log phi(x) for every example when dispersion_source='constant' (> 0)."}
     )
     dispersion_column: str | None = field(
         default=None, metadata={"help": "Dataset column holding -log phi(x) when dispersion_source='column'."}
+    )
+    dispersion_votes_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "dispersion_source='annotators': column of per-annotator votes, a list per pair: 1 = prefers "
+            "chosen, 0 = prefers rejected, null or 0.5 = a tie."
+        },
+    )
+    dispersion_chosen_votes_column: str | None = field(
+        default=None,
+        metadata={"help": "dispersion_source='annotators': column counting the annotators who preferred chosen."},
+    )
+    dispersion_rejected_votes_column: str | None = field(
+        default=None,
+        metadata={"help": "dispersion_source='annotators': column counting the annotators who preferred rejected."},
+    )
+    dispersion_strengths_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "dispersion_source='annotators': column of per-annotator signed strengths, a list per pair "
+            "(HelpSteer2-Preference's -3..3, MultiPref labels); only the sign is a vote."
+        },
+    )
+    dispersion_rankings_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "dispersion_source='annotators': column of per-annotator rankings, an (M x K) list per prompt: "
+            "[m][k] = the rank (0 = best) annotator m gives response k."
+        },
+    )
+    dispersion_consensus: str = field(
+        default="majority",
+        metadata={
+            "help": "What the votes are counted for: majority (the majority order; chosen was decided by these "
+            "votes) or given (chosen, a label fixed without these votes: signed estimate)."
+        },
+    )
+    dispersion_format: str | None = field(
+        default=None,
+        metadata={
+            "help": "Raw layout of an annotated dataset, mapped to pairs plus a votes column: multipref "
+            "(allenai/multipref) or helpsteer2 (nvidia/HelpSteer2's preference data); null for TRL's formats."
+        },
     )
 
     # ---- reference pass ----
@@ -139,26 +220,57 @@ class MallowsPOConfig(TrainingArguments):
         },
     )
 
-    # ---- data (built into a mallowspo.training.data.PreferenceDataConfig, which validates them) ----
+    # ---- data (built into a mallowspo.training.data.PreferenceDataConfig, which validates them and
+    # holds their one set of defaults) ----
     max_length: int | None = field(
-        default=1024, metadata={"help": "Maximum prompt + completion tokens; null for no limit."}
+        default=PreferenceDataConfig.max_length,
+        metadata={
+            "help": "Maximum prompt + completion tokens (TRL's meaning); a longer sequence is cut as "
+            "truncation_mode says. null for no limit."
+        },
     )
     max_prompt_length: int | None = field(
-        default=512,
+        default=PreferenceDataConfig.max_prompt_length,
         metadata={
-            "help": "Prompt budget in tokens; a longer prompt is never truncated silently: it is an error "
-            "(strict_validation) or a counted skip. null for no limit."
+            "help": "Prompt budget in tokens (mallowspo's own; TRL 1.16 has none). A longer prompt is never cut: it "
+            "is an error (strict_validation) or a counted skip. null (default): no budget of its own, a prompt must "
+            "only leave room for a completion within max_length (keep_start)."
         },
     )
     max_completion_length: int | None = field(
-        default=None, metadata={"help": "Maximum completion tokens; null for no limit beyond max_length."}
+        default=PreferenceDataConfig.max_completion_length,
+        metadata={
+            "help": "Maximum completion tokens (mallowspo's own): completions keep their start. null for no limit "
+            "beyond max_length."
+        },
+    )
+    truncation_mode: str = field(
+        default=PreferenceDataConfig.truncation_mode,
+        metadata={
+            "help": "Which end of a sequence over max_length is kept (TRL's names). keep_start (default): "
+            "completions lose their end; a prompt is never cut, one that fills max_length is an error or a "
+            "counted skip. keep_end: prompts lose their start (one cut for both completions). Cut rows are "
+            "counted in the data report."
+        },
     )
     strict_validation: bool = field(
-        default=True,
+        default=PreferenceDataConfig.strict,
         metadata={"help": "Fail on invalid preference rows (true) or drop them with a report (false)."},
+    )
+    padding_free: bool = field(
+        default=False,
+        metadata={
+            "help": "Concatenate a batch's sequences into one row with restarting position_ids, computing no "
+            "padding token (TRL's name); needs attn_implementation sdpa, eager, flex_attention or flash_attention_2/3/4 "
+            "and a model that keeps packed sequences apart (checked: training.packing)."
+        },
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.loss_type, str):  # TRL's single-name form
+            self.loss_type = [self.loss_type]
+        if self.bf16 is None:  # TRL's default where it can run; TRL refuses to start on a CPU-only machine instead
+            self.bf16 = not self.fp16 and not self.use_cpu and bf16_accelerator_available()
         self.smoothing_eps = number_or_keyword(self.smoothing_eps, "adaptive", "smoothing_eps")
         self.dispersion_normalization = number_or_keyword(
             self.dispersion_normalization, "mean", "dispersion_normalization"
@@ -181,10 +293,21 @@ class MallowsPOConfig(TrainingArguments):
         """Each group of options has one validator: the losses', the dispersion's, the data's and the
         optimisation's (``check_optimisation``)."""
         check_optimisation(self)
+        check_trl_keys(self)
+        check_padding_free_settings(self)
         if not math.isfinite(self.simpo_gamma):
             raise ValueError(f"simpo_gamma must be a finite number, got {self.simpo_gamma}")
-        check_loss_options(
-            self.loss_type, self.mallows, self.beta, self.label_smoothing, self.phi_smoothing, self.smoothing_eps
+        for name in self.loss_type:
+            check_trl_loss_type(name)
+        check_objective(
+            self.loss_type,
+            self.loss_weights,
+            self.mallows,
+            beta=self.beta,
+            label_smoothing=self.label_smoothing,
+            phi_smoothing=self.phi_smoothing,
+            smoothing_eps=self.smoothing_eps,
+            ipo_form=self.ipo_form,
         )
         self.dispersion_settings()
         if (self.dispersion_source == "column") != (self.dispersion_column is not None):
@@ -193,26 +316,24 @@ class MallowsPOConfig(TrainingArguments):
                 f"from a dataset column (got dispersion_source={self.dispersion_source!r}, "
                 f"dispersion_column={self.dispersion_column!r})"
             )
-        self.to_data_config()
-        if (
-            self.max_length is not None
-            and self.max_prompt_length is not None
-            and self.max_length <= self.max_prompt_length
-        ):
-            raise ValueError(
-                f"max_length ({self.max_length}) must exceed max_prompt_length ({self.max_prompt_length}) "
-                "to leave room for the completion"
-            )
+        self.to_data_config()  # validates the data settings (max_length against max_prompt_length among them)
         if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
             raise ValueError(f"precompute_ref_batch_size must be >= 1 or null, got {self.precompute_ref_batch_size}")
         for warning in ignored_settings(self):
             logger.warning(warning)
+        if self.label_smoothing and "sigmoid" in self.loss_type:
+            logger.warning(
+                "label_smoothing=%g with sigmoid is conservative DPO (cDPO) here, as in TRL before 1.0; trl 1.16's "
+                "DPOTrainer reads label_smoothing only for robust (and exo_pair), so the same recipe trains "
+                "differently there",
+                self.label_smoothing,
+            )
 
     # ---- derived settings ----
     @property
     def reference_free(self) -> bool:
-        """Whether the objective uses no reference log-probs (SimPO)."""
-        return is_reference_free(self.loss_type)
+        """Whether the objective uses no reference log-probs (every preference term is SimPO)."""
+        return all(is_reference_free(t) for t in preference_terms(self.loss_type))
 
     @property
     def needs_entropy(self) -> bool:
@@ -235,6 +356,13 @@ class MallowsPOConfig(TrainingArguments):
             normalization=self.dispersion_normalization,
             clamp=tuple(self.dispersion_clamp) if self.dispersion_clamp is not None else None,
             constant=self.dispersion_constant,
+            votes_column=self.dispersion_votes_column,
+            chosen_votes_column=self.dispersion_chosen_votes_column,
+            rejected_votes_column=self.dispersion_rejected_votes_column,
+            strengths_column=self.dispersion_strengths_column,
+            rankings_column=self.dispersion_rankings_column,
+            format=self.dispersion_format,
+            consensus=self.dispersion_consensus,
         )
 
     def to_data_config(self) -> PreferenceDataConfig:
@@ -243,8 +371,11 @@ class MallowsPOConfig(TrainingArguments):
             max_length=self.max_length,
             max_prompt_length=self.max_prompt_length,
             max_completion_length=self.max_completion_length,
+            truncation_mode=self.truncation_mode,
             strict=self.strict_validation,
             dispersion_column=self.dispersion_column,
+            annotation_columns=self.dispersion_settings().annotation_columns if self.mallows != "none" else (),
+            annotation_format=self.dispersion_format,
         )
 
 
@@ -252,6 +383,11 @@ def accelerator_available() -> bool:
     """Whether this machine has a CUDA GPU or an Intel XPU."""
     xpu = getattr(torch, "xpu", None)
     return torch.cuda.is_available() or (xpu is not None and xpu.is_available())
+
+
+def bf16_accelerator_available() -> bool:
+    """Whether a GPU (or XPU) that computes in bf16 is here."""
+    return accelerator_available() and is_torch_bf16_gpu_available()
 
 
 def launched_without_accelerators() -> bool:
@@ -302,8 +438,19 @@ def ignored_settings(args: MallowsPOConfig) -> list[str]:
     return warnings
 
 
+# The settings of the annotators dispersion source (its columns and consensus).
+_ANNOTATOR_SETTINGS = (
+    "dispersion_votes_column",
+    "dispersion_chosen_votes_column",
+    "dispersion_rejected_votes_column",
+    "dispersion_strengths_column",
+    "dispersion_rankings_column",
+    "dispersion_consensus",
+)
 # Settings that only some modes read, and the setting that decides.
 _MODE_SETTINGS = (
+    "ipo_form",
+    "label_smoothing",
     "phi_smoothing",
     "smoothing_eps",
     "simpo_gamma",
@@ -312,6 +459,7 @@ _MODE_SETTINGS = (
     "dispersion_clamp",
     "dispersion_constant",
     "dispersion_column",
+    *_ANNOTATOR_SETTINGS,
 )
 
 
@@ -331,113 +479,26 @@ def _ignored_because(args: MallowsPOConfig, name: str) -> str | None:
     if name.startswith("dispersion_"):
         if args.mallows == "none":
             return "mallows='none' uses no dispersion"
-        if name in ("dispersion_normalization", "dispersion_clamp") and args.dispersion_source != "entropy":
-            return f"it applies to the entropy estimate, and dispersion_source={args.dispersion_source!r}"
+        if (
+            name in ("dispersion_normalization", "dispersion_clamp")
+            and args.dispersion_source not in NORMALIZED_SOURCES
+        ):
+            return (
+                f"it applies to the entropy and annotator estimates, and dispersion_source={args.dispersion_source!r}"
+            )
         if name == "dispersion_constant" and args.dispersion_source != "constant":
             return f"it applies to dispersion_source='constant', not {args.dispersion_source!r}"
+        if name in _ANNOTATOR_SETTINGS and args.dispersion_source != "annotators":
+            return f"it applies to dispersion_source='annotators', not {args.dispersion_source!r}"
         return None
+    if name == "ipo_form" and not (args.mallows == "theta" and "ipo" in args.loss_type):
+        return f"it is the form of MallowsIPO (ipo with mallows theta), and loss_type={args.loss_type!r}"
+    if name == "label_smoothing" and not set(args.loss_type) & {"sigmoid", "robust", "simpo"}:
+        return f"it smooths the likelihood losses (sigmoid, robust, simpo), and loss_type={args.loss_type!r}"
     if name in ("phi_smoothing", "smoothing_eps") and args.mallows != "phi":
         return f"it smooths the phi link, and mallows={args.mallows!r}"
     if name == "smoothing_eps" and args.phi_smoothing != "cubic":
         return f"it is the half-width of the cubic patch, and phi_smoothing={args.phi_smoothing!r}"
-    if name == "simpo_gamma" and args.loss_type != "simpo":
+    if name == "simpo_gamma" and "simpo" not in args.loss_type:
         return f"it is SimPO's margin, and loss_type={args.loss_type!r}"
     return None
-
-
-@dataclass
-class ModelArguments:
-    """Which model to load and how (the command line's model section, like TRL's ``ModelConfig``)."""
-
-    model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Local directory or Hugging Face hub id of a causal LM."}
-    )
-    dtype: str = field(
-        default="auto", metadata={"help": "Weights dtype: auto, float32, bfloat16 or float16 (alias: torch_dtype)."}
-    )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom model code from the hub."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, eager, flash_attention_2."})
-    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Modules to adapt (e.g. q_proj v_proj, or all-linear); default: peft's."}
-    )
-
-    def __post_init__(self) -> None:
-        if not self.model_name_or_path:
-            raise ValueError(
-                "model_name_or_path is required: pass --model_name_or_path PATH_OR_HUB_ID or set it in the recipe"
-            )
-        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        lora_changed = (self.lora_r, self.lora_alpha, self.lora_dropout, self.lora_target_modules) != (
-            16,
-            32,
-            0.05,
-            None,
-        )
-        if lora_changed and not self.use_peft:
-            logger.warning("LoRA options are set but use_peft is false: training all weights, LoRA options ignored")
-        if self.use_peft and importlib.util.find_spec("peft") is None:
-            raise ValueError("use_peft needs the peft package: pip install 'mallowspo[peft]'")
-        if self.use_peft and not (self.lora_r > 0 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1):
-            raise ValueError("LoRA needs lora_r > 0, lora_alpha > 0 and 0 <= lora_dropout < 1")
-
-    def peft_config(self):
-        """A ``peft.LoraConfig`` for a causal LM, or None without ``use_peft``."""
-        if not self.use_peft:
-            return None
-        from peft import LoraConfig
-
-        return LoraConfig(
-            task_type="CAUSAL_LM",
-            r=self.lora_r,
-            lora_alpha=self.lora_alpha,
-            lora_dropout=self.lora_dropout,
-            target_modules=self.lora_target_modules,
-        )
-
-
-@dataclass
-class ScriptArguments:
-    """Which data to train on (the command line's data section, like TRL's ``ScriptArguments``)."""
-
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Preference data: a local JSON/JSONL/Parquet file or directory, or a hub id (alias: dataset_path)."
-        },
-    )
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str | None = field(
-        default=None,
-        metadata={
-            "help": "Split to evaluate on: of dataset_name (a directory or hub id; a single file has only 'train'), "
-            "or of eval_dataset_name (default there: 'test'); none by default."
-        },
-    )
-    eval_dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "Separate evaluation data: a file (its one split), a directory or a hub id; none by default."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if not self.dataset_name:
-            raise ValueError("dataset_name is required: pass --dataset_name PATH_OR_HUB_ID or set it in the recipe")
-
-    @property
-    def evaluates(self) -> bool:
-        """Whether the run has evaluation data."""
-        return self.eval_dataset_name is not None or self.dataset_test_split is not None
-
-    def eval_source(self) -> tuple[str, str]:
-        """(source, split) of the evaluation data: eval_dataset_name, else dataset_name's dataset_test_split."""
-        if self.eval_dataset_name is None:
-            return self.dataset_name, self.dataset_test_split
-        if Path(self.eval_dataset_name).expanduser().is_file():
-            return self.eval_dataset_name, "train"  # a file's one split
-        return self.eval_dataset_name, self.dataset_test_split or "test"

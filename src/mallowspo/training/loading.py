@@ -93,9 +93,14 @@ def check_causal_lm_config(config: Any, where: str) -> None:
 
 
 def load_causal_lm(
-    name_or_path: str, dtype: str = "auto", trust_remote_code: bool = False, attn_implementation: str | None = None
+    name_or_path: str,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    **init_kwargs: Any,
 ) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained`` with the command line's options.
+    """``AutoModelForCausalLM.from_pretrained`` with the command line's options, plus
+    ``init_kwargs`` (TRL's ``model_init_kwargs``: revision, device_map, ...; they win).
 
     Weights are read from safetensors files only (``use_safetensors=True``): pickle weight
     files (``pytorch_model.bin``) can run code when loaded. Remote code runs only with
@@ -106,9 +111,18 @@ def load_causal_lm(
     the file but not in the model, and a hub id that cannot be loaded.
     """
     check_model_source(name_or_path)
+    if init_kwargs.get("use_safetensors", True) is not True:
+        raise ValueError(
+            "model_init_kwargs use_safetensors=false is refused: mallowspo loads safetensors weights only (a pickle "
+            "weight file can run code when loaded)"
+        )
+    if "torch_dtype" in init_kwargs:  # transformers' old name
+        init_kwargs["dtype"] = init_kwargs.pop("torch_dtype")
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code, "use_safetensors": True}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    kwargs.update(init_kwargs)
+    trust_remote_code = kwargs["trust_remote_code"]
     config = None
     if (Path(name_or_path).expanduser() / "config.json").is_file():  # refused before the weights are read
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)

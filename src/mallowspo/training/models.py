@@ -9,12 +9,16 @@ The reference is
 Reference-free objectives (SimPO) still need entropies for the Mallows dispersion: the pass
 then uses ``ref_model`` if given, else the initial policy weights (before step 0).
 
+An adapter stores its base model as a hub id or an absolute path (``anchor_adapter_base``), so
+that it loads from any working directory.
+
 Loading models and tokenizers is ``training.loading``.
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +42,22 @@ def is_peft_model(model: torch.nn.Module) -> bool:
     except ImportError:
         return False
     return isinstance(model, PeftModel)
+
+
+def portable_model_path(name_or_path: str | None) -> str | None:
+    """``name_or_path`` as a saved adapter should name its base model: a local directory as its
+    absolute path (a relative one would only resolve from the directory the run started in), a
+    hub id (or None) unchanged."""
+    if not name_or_path:
+        return None
+    path = Path(name_or_path).expanduser()
+    return str(path.resolve()) if path.is_dir() else name_or_path
+
+
+def anchor_adapter_base(model: torch.nn.Module) -> None:
+    """Make each adapter's ``base_model_name_or_path`` (written to adapter_config.json) portable."""
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = portable_model_path(config.base_model_name_or_path)
 
 
 def wrap_with_peft(model: PreTrainedModel, peft_config: Any, activation_checkpointing: bool) -> torch.nn.Module:
@@ -78,4 +98,6 @@ def prepare_models(
             disable_dropout_in_model(ref_model)
     if peft_config is not None:
         model = wrap_with_peft(model, peft_config, bool(args.activation_checkpointing))
+    if peft:
+        anchor_adapter_base(model)
     return model, ref_model, kind

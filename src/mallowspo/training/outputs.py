@@ -1,11 +1,10 @@
 """What a run writes to its output directory, besides the model and the Trainer's own files:
 
     mallowspo_config.yaml   every setting of the run (CONFIG_FILE)
-    README.md               the model card (``render_model_card``)
+    README.md               the model card (``mallowspo.training.card``)
     dispersion.jsonl        the per-example dispersion (DISPERSION_FILE)
 
-and the check, before any work, that the output directory can take them. The renderers
-format plain dicts: the trainer gathers the facts.
+and the check, before any work, that the output directory can take them.
 
 A save that runs out of disk space (``disk_full_save``) removes what it wrote and raises
 OSError(ENOSPC or EDQUOT) naming the directory, whichever writer hit the full disk
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import re
 import shutil
@@ -30,33 +28,13 @@ import datasets
 import numpy as np
 import torch
 import yaml
-from trl.trainer.utils import get_config_model_id
 
-from mallowspo.training.models import REFERENCE_KINDS, is_peft_model
+from mallowspo.training.models import is_peft_model
 
 CONFIG_FILE = "mallowspo_config.yaml"
+
+
 DISPERSION_FILE = "dispersion.jsonl"
-MODEL_CARD_FILE = "README.md"
-
-METHOD_NAMES = {
-    ("sigmoid", "none"): "DPO",
-    ("sigmoid", "theta"): "MallowsPO-theta",
-    ("sigmoid", "phi"): "MallowsPO-phi",
-    ("ipo", "none"): "IPO",
-    ("ipo", "theta"): "MallowsIPO",
-    ("simpo", "none"): "SimPO",
-    ("simpo", "theta"): "MallowsSimPO (theta)",
-    ("simpo", "phi"): "MallowsSimPO (phi)",
-}
-
-PAPER = "MallowsPO: Fine-Tune Your LLM with Preference Dispersions (Chen et al., ICLR 2025, arXiv 2405.14953)"
-
-
-def method_name(loss_type: str, mallows: str) -> str:
-    """A readable name for the objective, e.g. 'MallowsPO-phi' or 'robust + Mallows-theta'."""
-    if (loss_type, mallows) in METHOD_NAMES:
-        return METHOD_NAMES[(loss_type, mallows)]
-    return loss_type if mallows == "none" else f"{loss_type} + Mallows-{mallows}"
 
 
 def summary_statistics(values: np.ndarray) -> dict[str, float]:
@@ -73,92 +51,6 @@ def summary_statistics(values: np.ndarray) -> dict[str, float]:
     }
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    return str(value)
-
-
-def render_model_card(facts: dict[str, Any]) -> str:
-    """README.md text from ``facts``: keys ``base_model``, ``dataset``, ``config`` (the
-    MallowsPOConfig as a dict), ``data`` (rows, validation summary), ``dispersion``
-    (settings and ``summary``), ``metrics`` (last logged values)."""
-    config = facts["config"]
-    method = method_name(config["loss_type"], config["mallows"])
-    lines = [
-        "---",
-        yaml.safe_dump(
-            {"library_name": "transformers", "tags": ["mallowspo", "preference-optimization", method]}, sort_keys=False
-        ).strip(),
-        "---",
-        "",
-        f"# {facts.get('model_name', 'Model')} fine-tuned with {method}",
-        "",
-        f"Base model: `{facts.get('base_model', 'unknown')}`. Preference data: `{facts.get('dataset', 'unknown')}`.",
-        f"Trained with [mallowspo](https://arxiv.org/abs/2405.14953), an implementation of {PAPER}.",
-        "",
-        "## Method",
-        "",
-        f"- objective: `loss_type={config['loss_type']}`, `mallows={config['mallows']}` ({method}), "
-        f"beta = {_fmt(config['beta'])}",
-    ]
-    if config["mallows"] == "phi":
-        lines.append(f"- phi link smoothing: `{config['phi_smoothing']}`, eps = `{config['smoothing_eps']}`")
-    if config["loss_type"] == "simpo":
-        lines.append(f"- SimPO margin gamma = {_fmt(config['simpo_gamma'])}, length-normalised log-probs")
-    if config.get("label_smoothing"):
-        lines.append(f"- label smoothing = {_fmt(config['label_smoothing'])}")
-    lines += [
-        f"- reference log-probs: {'precomputed once' if config['precompute_ref_log_probs'] else 'computed each step'}",
-        f"- optimisation: lr {_fmt(config['learning_rate'])}, {config['lr_scheduler_type']} schedule, "
-        f"per-device batch {config['per_device_train_batch_size']} x accumulation "
-        f"{config['gradient_accumulation_steps']}, seed {config['seed']}",
-        "",
-        "## Data",
-        "",
-        f"- max_length {config['max_length']}, max_prompt_length {config['max_prompt_length']}, "
-        f"max_completion_length {config['max_completion_length']}",
-    ]
-    for name, summary in facts.get("data", {}).items():
-        lines.append(f"- {name}: {summary}")
-    dispersion = facts.get("dispersion")
-    lines += ["", "## Dispersion", ""]
-    if dispersion is None:
-        lines.append("No dispersion was computed (no reference pass ran for this objective).")
-    else:
-        lines += [
-            f"- source: `{dispersion['source']}`"
-            + (
-                f", phi* = {_fmt(dispersion['phi_star'])} (normalisation `{dispersion['normalization']}`), "
-                f"clamp {dispersion['clamp']}"
-                if dispersion["source"] == "entropy"
-                else ""
-            ),
-            f"- entropy model: {dispersion.get('entropy_model', 'the reference model')}",
-            "- per-example values: `dispersion.jsonl` (row_index, prompt, hbar, neg_log_phi, mean entropies)",
-            "",
-            "| statistic of -log phi(x) | value |",
-            "|---|---|",
-            *[f"| {key} | {_fmt(value)} |" for key, value in dispersion["summary"].items()],
-        ]
-    metrics = facts.get("metrics") or {}
-    if metrics:
-        lines += ["", "## Last logged metrics", "", "| metric | value |", "|---|---|"]
-        lines += [f"| {key} | {_fmt(value)} |" for key, value in metrics.items()]
-    lines += [
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "model = AutoModelForCausalLM.from_pretrained(PATH)",
-        "tokenizer = AutoTokenizer.from_pretrained(PATH)",
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def write_resolved_config(path: str | Path, sections: dict[str, dict[str, Any]]) -> Path:
     """Write ``sections`` (e.g. model, data, training) as YAML; values YAML cannot hold become strings."""
     path = Path(path)
@@ -173,14 +65,6 @@ def write_resolved_config(path: str | Path, sections: dict[str, dict[str, Any]])
         return str(value)
 
     path.write_text(yaml.safe_dump(plain(sections), sort_keys=False))
-    return path
-
-
-def write_model_card(output_dir: str | Path, facts: dict[str, Any]) -> Path:
-    """Write ``render_model_card(facts)`` to ``output_dir/README.md``; returns the path."""
-    path = Path(output_dir) / MODEL_CARD_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_model_card(facts))
     return path
 
 
@@ -251,6 +135,8 @@ def check_output_dir(output_dir: str | Path, needed_bytes: int = 0) -> None:
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 # torch.save's C++ writer reports a failed write without its errno; it is taken for a full disk
 # when the directory's disk has less than this left right after the failure.
+
+
 TORCH_WRITE_FULL_BYTES = 1 << 20
 
 
@@ -337,31 +223,3 @@ def disk_full_save(
             "Free some space or choose another --output_dir"
         )
         raise OSError(code, message) from error
-
-
-def model_card_facts(trainer: Any) -> dict[str, Any]:
-    """The facts ``render_model_card`` formats, from a ``MallowsPOTrainer``: its settings, run
-    metadata, validation reports, last logged metrics and the train split's dispersion."""
-    args, metadata = trainer.args, trainer.run_metadata
-    base = metadata.get("model", {}).get("model_name_or_path") or get_config_model_id(
-        trainer.accelerator.unwrap_model(trainer.model).config
-    )
-    facts: dict[str, Any] = {
-        "model_name": Path(args.output_dir).name,
-        "base_model": base,
-        "dataset": metadata.get("data", {}).get("dataset_name", "unknown"),
-        "config": args.to_dict(),
-        "data": {name: report.summary().splitlines()[0] for name, report in trainer.validation_reports.items()},
-        "metrics": trainer.last_logged_metrics(),
-    }
-    train = trainer.train_dataset
-    if train is not None and "neg_log_phi" in train.column_names:
-        facts["dispersion"] = {
-            "source": args.dispersion_source,
-            "normalization": args.dispersion_normalization,
-            "phi_star": trainer.phi_star,
-            "clamp": args.dispersion_clamp,
-            "entropy_model": REFERENCE_KINDS[trainer.reference_kind],
-            "summary": summary_statistics(np.asarray(train["neg_log_phi"])),
-        }
-    return facts

@@ -33,6 +33,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from trl.trainer.utils import hash_module
 
+from mallowspo.annotators import BetaPrior
 from mallowspo.dispersion import (
     DispersionEstimate,
     DispersionSource,
@@ -412,25 +414,55 @@ def with_columns(dataset: datasets.Dataset, columns: dict[str, np.ndarray]) -> d
 
 
 def with_dispersion(
-    dataset: datasets.Dataset, source: DispersionSource, phi_star: float | None = None, name: str | None = None
+    dataset: datasets.Dataset,
+    source: DispersionSource,
+    phi_star: float | None = None,
+    name: str | None = None,
+    prior: BetaPrior | None = None,
 ) -> tuple[datasets.Dataset, DispersionEstimate]:
     """``dataset`` with its ``neg_log_phi`` column from ``source`` (``mallowspo.dispersion.dispersion_estimate``:
-    ``hbar`` from the reference pass, or the data's ``dispersion`` column), and the estimate.
+    ``hbar`` from the reference pass, the data's ``dispersion`` column, or its annotation columns), and the
+    estimate.
 
-    ``phi_star``: the one fitted on the train split, for the other splits. The split that sets
-    phi* (``phi_star`` None) is checked once for an entropy estimate that carries no information
-    (``mallowspo.dispersion.uninformative_entropy``: a warning, naming the split ``name`` if given)."""
+    ``phi_star`` and ``prior``: the phi* and the annotators' Beta prior fitted on the train split, for
+    the other splits. The split that sets phi* (``phi_star`` None) is checked once for an entropy
+    estimate that carries no information (``mallowspo.dispersion.uninformative_entropy``: a warning,
+    naming the split ``name`` if given)."""
     columns = dataset.column_names
     hbar = np.asarray(dataset["hbar"]) if "hbar" in columns else None
-    estimate = dispersion_estimate(
-        source,
-        size=len(dataset),
-        hbar=hbar,
-        column=np.asarray(dataset["dispersion"]) if source.source == "column" else None,
-        phi_star=phi_star,
-    )
+    with warnings.catch_warnings(record=True) as caught:  # the annotator estimate's warnings, logged with the split
+        warnings.simplefilter("always")
+        estimate = dispersion_estimate(
+            source,
+            size=len(dataset),
+            hbar=hbar,
+            column=np.asarray(dataset["dispersion"]) if source.source == "column" else None,
+            annotations=annotation_values(dataset, source, name),
+            phi_star=phi_star,
+            prior=prior,
+            rows=dataset["row_index"] if "row_index" in columns else None,
+        )
+    for warning in caught:
+        logger.warning("dispersion%s: %s", f" ({name})" if name else "", warning.message)
     if source.source == "entropy" and phi_star is None:
         problem = uninformative_entropy(hbar, estimate.neg_log_phi.numpy())
         if problem is not None:
             logger.warning("dispersion%s: %s", f" ({name})" if name else "", problem)
     return with_columns(dataset, {"neg_log_phi": estimate.neg_log_phi.numpy()}), estimate
+
+
+def annotation_values(
+    dataset: datasets.Dataset, source: DispersionSource, name: str | None = None
+) -> dict[str, list] | None:
+    """The values of ``source.annotation_columns`` in ``dataset`` (None when it reads none); a missing
+    column is a one-line ValueError (data tokenized before the columns were carried, for example)."""
+    if not source.annotation_columns:
+        return None
+    missing = [column for column in source.annotation_columns if column not in dataset.column_names]
+    if missing:
+        split = f"split {name!r}" if name else "the data"
+        raise ValueError(
+            f"dispersion_source='annotators' reads {source.annotators.where()}, and {split} has no column "
+            f"{', '.join(map(repr, missing))}: give raw rows with it (it is carried through tokenization)"
+        )
+    return {column: dataset[column] for column in source.annotation_columns}

@@ -33,7 +33,8 @@ from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id
 
-from mallowspo.losses import PreferenceLossOutput, preference_loss
+from mallowspo.objective import ObjectiveOutput, combined_loss
+from mallowspo.training.card import model_card_facts, write_model_card
 from mallowspo.training.checkpoints import (
     STATE_FILE,
     TRAINING_ARGS_PICKLE,
@@ -45,23 +46,22 @@ from mallowspo.training.checkpoints import (
     run_identity,
     write_identity,
 )
-from mallowspo.training.collate import PreferenceCollator, split_pairs
+from mallowspo.training.collate import split_pairs
 from mallowspo.training.config import MallowsPOConfig
 from mallowspo.training.data import ValidationReport, check_tokenized_dataset, prepare_preference_dataset
 from mallowspo.training.loading import check_tokenizer_fits, ensure_pad_token, load_causal_lm
-from mallowspo.training.metrics import MetricAccumulator, non_finite_message, pair_metrics
+from mallowspo.training.metrics import TOKENS_SEEN, MetricAccumulator, non_finite_message, pair_metrics, token_metrics
 from mallowspo.training.models import REFERENCE_KINDS, is_peft_model, prepare_models
 from mallowspo.training.outputs import (
     CONFIG_FILE,
     DISPERSION_FILE,
     check_output_dir,
     disk_full_save,
-    model_card_facts,
     output_bytes_needed,
     write_dispersion_jsonl,
-    write_model_card,
     write_resolved_config,
 )
+from mallowspo.training.packing import preference_collator
 from mallowspo.training.reference import (
     ReferenceResult,
     load_or_compute_reference_columns,
@@ -70,7 +70,7 @@ from mallowspo.training.reference import (
     with_columns,
     with_dispersion,
 )
-from mallowspo.training.scoring import score_completions
+from mallowspo.training.scoring import router_aux_loss_coef, score_completions
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,9 @@ class MallowsPOTrainer(Trainer):
             ``mallowspo.training.data.prepare_preference_dataset``.
         processing_class: the tokenizer; loaded from ``model``'s path when None.
         peft_config: a ``peft`` config (e.g. ``LoraConfig``) to train an adapter.
-        callbacks: extra ``TrainerCallback``s.
+        data_collator: batches the tokenized rows; default: ``training.collate.PreferenceCollator``
+            (one it replaces must return the same keys).
+        compute_metrics, callbacks, optimizers: as for ``transformers.Trainer`` (and TRL's ``DPOTrainer``).
         run_metadata: sections of settings outside ``args`` (e.g. the command line's
             ``model`` and ``data``), written into the resolved config and the model card.
         validation_reports: split -> ``ValidationReport`` of data tokenized beforehand.
@@ -109,7 +111,10 @@ class MallowsPOTrainer(Trainer):
         eval_dataset: datasets.Dataset | dict[str, datasets.Dataset] | None = None,
         processing_class: Any = None,
         peft_config: Any = None,
+        data_collator: Any = None,
+        compute_metrics: Any = None,
         callbacks: list | None = None,
+        optimizers: tuple = (None, None),
         run_metadata: dict[str, dict[str, Any]] | None = None,
         validation_reports: dict[str, ValidationReport] | None = None,
     ):
@@ -117,11 +122,12 @@ class MallowsPOTrainer(Trainer):
         if not isinstance(args, MallowsPOConfig):
             raise TypeError(f"args must be a MallowsPOConfig, got {type(args).__name__}")
         if isinstance(model, str):
-            model = load_causal_lm(model)
+            model = load_causal_lm(model, **(args.model_init_kwargs or {}))
         if processing_class is None:
             processing_class = AutoTokenizer.from_pretrained(get_config_model_id(model.config))
         ensure_pad_token(processing_class)
         check_tokenizer_fits(model, processing_class, get_config_model_id(model.config))
+        self._router_aux_loss_coef = router_aux_loss_coef(model, args.router_aux_loss_coef)  # 0: no MoE loss
 
         self.run_metadata = dict(run_metadata or {})
         self.validation_reports = dict(validation_reports or {})
@@ -147,11 +153,20 @@ class MallowsPOTrainer(Trainer):
         super().__init__(
             model=model,
             args=args,
-            data_collator=PreferenceCollator(processing_class.pad_token_id),
+            data_collator=data_collator
+            or preference_collator(
+                processing_class.pad_token_id,
+                args.padding_free,
+                model,
+                ref_model,
+                pad_to_multiple_of=args.pad_to_multiple_of,
+            ),
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=processing_class,
+            compute_metrics=compute_metrics,
             callbacks=callbacks,
+            optimizers=optimizers,
         )
         if args.n_gpu > 1:
             raise ValueError(
@@ -159,6 +174,7 @@ class MallowsPOTrainer(Trainer):
                 "launch with `accelerate launch` (or `mallowspo train --accelerate_config ddp`)"
             )
         self._metrics = {"train": MetricAccumulator(), "eval": MetricAccumulator()}
+        self._train_tokens = 0  # real tokens trained on so far, all processes: TRL's num_tokens
         self.ref_model = self._place_reference(ref_model)
         logger.info("reference: %s", REFERENCE_KINDS[self.reference_kind])
         if args.reference_free and args.runs_reference_pass:
@@ -169,6 +185,7 @@ class MallowsPOTrainer(Trainer):
             )
         self.reference_results: dict[str, ReferenceResult] = {}
         self.phi_star: float | None = None
+        self.dispersion_prior: tuple[float, float] | None = None  # the annotators' Beta (a, b), fitted on train
         self._add_reference_columns_to_splits(weights)
         if args.precompute_ref_log_probs or args.reference_free:
             self.ref_model = None  # everything it gives is precomputed: do not keep it during training
@@ -251,7 +268,10 @@ class MallowsPOTrainer(Trainer):
             dataset = with_columns(dataset, result.columns)
         if self.args.mallows == "none":  # the loss has no dispersion: none is attached, logged or written
             return dataset
-        dataset, estimate = with_dispersion(dataset, self.args.dispersion_settings(), self.phi_star, name)
+        dataset, estimate = with_dispersion(
+            dataset, self.args.dispersion_settings(), self.phi_star, name, self.dispersion_prior
+        )
+        self.dispersion_prior = self.dispersion_prior or estimate.prior
         if estimate.phi_star is not None and self.phi_star is None:
             self.phi_star = estimate.phi_star
             fitted = "train mean 1" if self.args.dispersion_normalization == "mean" else "fixed"
@@ -284,19 +304,25 @@ class MallowsPOTrainer(Trainer):
         inputs: dict[str, torch.Tensor],
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, PreferenceLossOutput]:
-        """Mean preference loss of a ``PreferenceCollator`` batch (B pairs, one forward of 2B rows)."""
-        policy = score_completions(model, inputs)
+    ) -> torch.Tensor | tuple[torch.Tensor, ObjectiveOutput]:
+        """Mean loss of a ``PreferenceCollator`` batch (B pairs, one forward of 2B rows): the weighted
+        terms of ``loss_type`` (``mallowspo.objective.combined_loss``), plus ``router_aux_loss_coef`` times
+        an MoE model's router load-balancing loss (TRL's)."""
+        with_aux_loss = self._router_aux_loss_coef != 0
+        policy = score_completions(
+            model, inputs, with_entropy=True, with_token_metrics=True, with_aux_loss=with_aux_loss
+        )
         chosen_logps, rejected_logps = split_pairs(policy.logps)
         chosen_lengths, rejected_lengths = split_pairs(policy.lengths)
         ref_chosen_logps, ref_rejected_logps = self._reference_logps(inputs)
         args = self.args
-        output = preference_loss(
+        output = combined_loss(
             chosen_logps,
             rejected_logps,
             ref_chosen_logps,
             ref_rejected_logps,
-            loss_type=args.loss_type,
+            loss_types=args.loss_type,
+            loss_weights=args.loss_weights,
             beta=args.beta,
             mallows=args.mallows,
             neg_log_phi=inputs.get("neg_log_phi") if args.mallows != "none" else None,
@@ -307,24 +333,37 @@ class MallowsPOTrainer(Trainer):
             chosen_lengths=chosen_lengths,
             rejected_lengths=rejected_lengths,
             length_normalize=args.length_normalize,
+            ipo_form=args.ipo_form,
         )
         loss = output.losses.mean()
-        self._record_metrics(model, output, pair_metrics(output, chosen_logps, rejected_logps, inputs, args.mallows))
+        per_example = {
+            **pair_metrics(output.preference, chosen_logps, rejected_logps, inputs, args.mallows),
+            **token_metrics(policy, inputs),
+        }
+        if with_aux_loss:
+            loss = loss + self._router_aux_loss_coef * policy.aux_loss
+            per_example["aux_loss"] = policy.aux_loss.detach().expand(chosen_logps.size(0))
+        self._record_metrics(model, output, per_example)
         return (loss, output) if return_outputs else loss
 
     def _record_metrics(
-        self, model: torch.nn.Module, output: PreferenceLossOutput, per_example: dict[str, torch.Tensor]
+        self, model: torch.nn.Module, output: ObjectiveOutput, per_example: dict[str, torch.Tensor]
     ) -> None:
         """Gather this batch's per-example metrics from all processes (one collective) and pool them;
-        stop with FloatingPointError instead of logging NaN (the Trainer would step on it)."""
+        count the real tokens of a training batch into ``num_tokens``; stop with FloatingPointError
+        instead of logging NaN (the Trainer would step on it)."""
         names = list(per_example)
         columns = [per_example[n].detach().float() for n in names] + [output.losses.detach().float()]
         stacked = self.accelerator.gather_for_metrics(torch.stack(columns, dim=1))
         accumulator = self._metrics["train" if model.training else "eval"]
-        if not accumulator.update(names, stacked):  # every process sees the same gathered values; loss checked too
+        sums = accumulator.update(names, stacked)  # every process sees the same gathered values; loss checked too
+        if sums is None:
             raise FloatingPointError(
                 non_finite_message(names + ["loss"], stacked, self.state.global_step, model.training)
             )
+        if model.training:
+            self._train_tokens += round(sums[TOKENS_SEEN])
+        accumulator.set("num_tokens", self._train_tokens)  # evaluation logs the total so far, as TRL
 
     # ---- Trainer hooks ----------------------------------------------------------------
 
@@ -426,6 +465,7 @@ class MallowsPOTrainer(Trainer):
         """Every setting of the run: ``run_metadata`` sections (model, data, set by the CLI) plus training."""
         training = self.args.to_dict()
         training["phi_star"] = self.phi_star
+        training["dispersion_prior"] = list(self.dispersion_prior) if self.dispersion_prior else None
         return {**self.run_metadata, "training": training}
 
     def last_logged_metrics(self) -> dict[str, float]:

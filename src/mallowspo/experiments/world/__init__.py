@@ -6,7 +6,8 @@ paper talks about is known (see docs/world.md).
 - closed prompts (annotators agree, phi(x) small) and open prompts (phi(x) near 1);
 - a ground-truth reward r*(x, y), the VADER sentiment of the response (``reward.py``);
 - annotators whose rankings follow a Kendall Mallows model (``annotators.py``), and
-  preference pairs made from them in TRL's standard format (``data.py``).
+  preference pairs made from them in TRL's standard format, and the ranked lists with
+  every annotator's ranking beside them (``data.py``).
 
 ``ensure_world()`` returns the paths of a complete world, building it on first use.
 """

@@ -10,6 +10,10 @@ For a prompt x with K responses:
 3. The preference pair is the annotator's top response (chosen) against the annotator's
    bottom response (rejected), as in the paper's Fig. 3 check and its UltraFeedback setup
    ("best vs worst"). With K = 2 this is simply the annotator's preference.
+4. Further annotators (``annotate_list``) rank the same K responses: independent draws from
+   the same model, from a generator of their own, so that their number never changes the
+   first annotator's draw and hence the pair. The pair's label stays the first annotator's;
+   the others only vote.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class AnnotatedPair:
     chosen_central_rank: int
     rejected_central_rank: int
     annotator_ranking: tuple[int, ...]  # response indices, annotator's best first
+    central_ranking: tuple[int, ...]  # response indices best first by reward: mu0
 
 
 def annotate(rewards: ArrayLike, phi: float, rng: np.random.Generator) -> AnnotatedPair:
@@ -67,4 +72,50 @@ def annotate(rewards: ArrayLike, phi: float, rng: np.random.Generator) -> Annota
         chosen_central_rank=top,
         rejected_central_rank=bottom,
         annotator_ranking=tuple(int(order[c]) for c in by_annotator),
+        central_ranking=tuple(int(i) for i in order),
     )
+
+
+def check_annotators(annotators: int) -> int:
+    """M, the number of annotators per prompt: an integer >= 1 (the one check of that setting)."""
+    if isinstance(annotators, bool) or not isinstance(annotators, int | np.integer) or annotators < 1:
+        raise ValueError(f"annotators per prompt must be an integer >= 1, got {annotators!r}")
+    return int(annotators)
+
+
+@dataclass(frozen=True)
+class AnnotatedList:
+    """M annotators' rankings of K responses, and the first annotator's pair.
+
+    ``rankings[m, k]`` is the rank (0 = best) that annotator m gives response k; row 0 is the
+    annotator whose top vs bottom is ``pair``.
+    """
+
+    pair: AnnotatedPair
+    rankings: NDArray[np.int64]  # (M, K)
+
+    def votes(self) -> NDArray[np.int64]:
+        """(M,) each annotator's preference on the pair: 1 = chosen above rejected, -1 = below.
+
+        Signed so that ``mallowspo.annotators.votes_from_preferences`` reads it as it is (there,
+        0 is a tie); annotator 1 always votes 1."""
+        r = self.rankings
+        return np.where(r[:, self.pair.chosen] < r[:, self.pair.rejected], 1, -1).astype(np.int64)
+
+
+def annotate_list(
+    rewards: ArrayLike, phi: float, annotators: int, rng: np.random.Generator, others_rng: np.random.Generator
+) -> AnnotatedList:
+    """``annotators`` Mallows rankings of ``rewards``' responses around their reward order.
+
+    The first is ``annotate(rewards, phi, rng)``: the same draws from ``rng``, so its pair is
+    what ``annotate`` returns. Annotators 2..M are drawn from ``others_rng`` only."""
+    annotators = check_annotators(annotators)
+    pair = annotate(rewards, phi, rng)
+    n = len(pair.central_ranking)
+    first = np.empty(n, dtype=np.int64)
+    first[list(pair.annotator_ranking)] = np.arange(n)
+    others = annotator_ranks(n, phi, annotators - 1, others_rng)  # central rank -> annotator rank
+    by_response = np.empty_like(others)
+    by_response[:, list(pair.central_ranking)] = others
+    return AnnotatedList(pair=pair, rankings=np.vstack([first[None, :], by_response]))

@@ -89,7 +89,8 @@ def build_world_model(root: str | Path, config: WorldConfig = WorldConfig(), log
     start, start_cpu = time.perf_counter(), time.process_time()
     paths = WorldPaths(Path(root))
     paths.root.mkdir(parents=True, exist_ok=True)
-    for stale in (paths.manifest, paths.train_file, paths.test_file, paths.data_report):
+    stale_files = (paths.manifest, paths.train_file, paths.test_file, paths.data_report)
+    for stale in (*stale_files, paths.train_lists_file, paths.test_lists_file):
         stale.unlink(missing_ok=True)  # a new model invalidates the old data; no manifest = not built
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.num_threads)

@@ -9,16 +9,23 @@ For every prompt x of the world:
 2. score them with the ground-truth reward r*(x, y) (``reward.py``);
 3. let one simulated annotator rank them by a Kendall Mallows model centred on the reward
    order with the prompt's true phi(x), and keep the annotator's top vs bottom response
-   as chosen vs rejected (``annotators.py``).
+   as chosen vs rejected (``annotators.py``);
+4. let annotators 2..M (``annotators_per_prompt``, default 5) rank the same responses,
+   drawn from a generator of their own: they vote on the pair, whose label stays the
+   first annotator's, and their rankings go with the list.
 
 Rows are written in TRL's standard preference format (``prompt``/``chosen``/``rejected``)
 with extra columns holding the truth, so the dispersion estimate can be checked:
 ``prompt_id, split, family, template, phi, neg_log_phi, chosen_reward, rejected_reward,
 chosen_central_rank, rejected_central_rank, n_responses, base_chosen_entropy,
-base_rejected_entropy`` (the last two: the base model's mean per-token entropy of the
-response + end token, nats). Train rows come from the base model's training titles, test
-rows from held-out titles. Deterministic under ``WorldDataConfig.seed`` for a given model,
-machine and torch build.
+base_rejected_entropy`` (the base model's mean per-token entropy of the response + end
+token, nats), and the annotators' ``chosen_votes, rejected_votes, votes`` (1 = prefers
+chosen, -1 = prefers rejected; annotator 1 first). The lists (``lists/``) hold every prompt's
+K responses: ``prompt, responses, ranking`` (annotator 1's, best first), ``scores`` (the
+rewards), the same truth columns, ``central_ranking`` (mu0) and ``annotator_rankings``
+(M x K ranks, 0 = best). Train rows come from the base model's training titles,
+test rows from held-out titles. Deterministic under ``WorldDataConfig.seed`` for a given
+model, machine and torch build.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from scipy.stats import spearmanr
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mallowspo.dispersion import estimate_neg_log_phi, normalized_entropy
-from mallowspo.experiments.world.annotators import annotate
+from mallowspo.experiments.world.annotators import annotate_list, check_annotators
 from mallowspo.experiments.world.build import load_world_config
 from mallowspo.experiments.world.corpus import (
     FAMILIES,
@@ -61,6 +68,10 @@ class WorldDataConfig:
     max_new_tokens: int = 48
     batch_size: int = 32  # prompts per generation batch
     num_threads: int = 1
+    annotators_per_prompt: int = 5  # M, annotators ranking each prompt's K responses; the label is the first's
+
+    def __post_init__(self):
+        check_annotators(self.annotators_per_prompt)
 
 
 def _distinct(samples: list[str | None], k: int) -> list[str]:
@@ -79,13 +90,25 @@ def _mean(values) -> float:
 
 
 def generate_preference_data(
-    root: str | Path, config: WorldDataConfig = WorldDataConfig(), log=print, out_dir: str | Path | None = None
+    root: str | Path,
+    config: WorldDataConfig = WorldDataConfig(),
+    log=print,
+    out_dir: str | Path | None = None,
+    lists_dir: str | Path | None = None,
 ) -> dict:
-    """Write ``train.jsonl``, ``test.jsonl`` and ``report.json`` under ``out_dir`` (default:
-    the world's ``data/``) from the world built at ``root``; return the report."""
+    """Draw the data from the world built at ``root``; return the report.
+
+    Writes the pairs ``train.jsonl``, ``test.jsonl`` and ``report.json`` to ``out_dir``
+    (default: the world's ``data/``) and the lists ``train.jsonl``, ``test.jsonl`` to
+    ``lists_dir`` (default: the world's ``lists/``; with ``out_dir`` given, ``<out_dir>-lists``
+    beside it). The lists never go inside the pairs' directory: `datasets` would read every
+    train*/test* file under it into that split, and the directory would no longer load as pairs."""
     start, start_cpu = time.perf_counter(), time.process_time()
     paths = WorldPaths(Path(root))
     out_dir = Path(out_dir) if out_dir is not None else paths.data_dir
+    if lists_dir is None:
+        lists_dir = paths.lists_dir if out_dir == paths.data_dir else out_dir.with_name(out_dir.name + "-lists")
+    lists_dir = Path(lists_dir)
     world = load_world_config(paths.root)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(config.num_threads)
@@ -108,6 +131,7 @@ def generate_preference_data(
         torch.set_num_threads(previous_threads)
 
     rows: list[dict] = []
+    lists: list[dict] = []
     skipped: list[str] = []
     for index, (prompt, row_samples) in enumerate(zip(prompts, finished)):
         responses = _distinct(row_samples, config.responses_per_prompt)
@@ -115,19 +139,28 @@ def generate_preference_data(
             skipped.append(prompt.prompt_id)
             continue
         rewards = sentiment_rewards(responses)
-        pair = annotate(rewards, prompt.phi, np.random.default_rng([config.seed, index]))
+        # Annotator 1 draws from the stream the pairs have always used, so that adding
+        # annotators (drawn from their own stream) leaves every pair as it was.
+        annotated = annotate_list(
+            rewards, prompt.phi, config.annotators_per_prompt,
+            np.random.default_rng([config.seed, index]), np.random.default_rng([config.seed, index, 1]),
+        )  # fmt: skip
+        pair, votes = annotated.pair, annotated.votes()
         chosen, rejected = responses[pair.chosen], responses[pair.rejected]
+        truth = {
+            "prompt_id": prompt.prompt_id,
+            "split": prompt.split,
+            "family": prompt.family,
+            "template": prompt.template,
+            "phi": prompt.phi,
+            "neg_log_phi": TEMPLATES_BY_NAME[prompt.template].neg_log_phi,
+        }
         rows.append(
             {
                 "prompt": prompt.text,
                 "chosen": chosen,
                 "rejected": rejected,
-                "prompt_id": prompt.prompt_id,
-                "split": prompt.split,
-                "family": prompt.family,
-                "template": prompt.template,
-                "phi": prompt.phi,
-                "neg_log_phi": TEMPLATES_BY_NAME[prompt.template].neg_log_phi,
+                **truth,
                 "chosen_reward": rewards[pair.chosen],
                 "rejected_reward": rewards[pair.rejected],
                 "chosen_central_rank": pair.chosen_central_rank,
@@ -135,16 +168,32 @@ def generate_preference_data(
                 "n_responses": len(responses),
                 "base_chosen_entropy": entropy_of[(prompt.text, chosen)],
                 "base_rejected_entropy": entropy_of[(prompt.text, rejected)],
+                "chosen_votes": int((votes > 0).sum()),
+                "rejected_votes": int((votes < 0).sum()),
+                "votes": votes.tolist(),
+            }
+        )
+        lists.append(
+            {
+                "prompt": prompt.text,
+                "responses": responses,
+                "ranking": list(pair.annotator_ranking),
+                "scores": rewards,
+                **truth,
+                "central_ranking": list(pair.central_ranking),
+                "annotator_rankings": annotated.rankings.tolist(),
             }
         )
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for split in ("train", "test"):
-        with open(out_dir / f"{split}.jsonl", "w") as f:
-            for r in rows:
-                if r["split"] == split:
-                    f.write(json.dumps(r) + "\n")
+    for directory, records in ((out_dir, rows), (lists_dir, lists)):
+        directory.mkdir(parents=True, exist_ok=True)
+        for split in ("train", "test"):
+            with open(directory / f"{split}.jsonl", "w") as f:
+                for r in records:
+                    if r["split"] == split:
+                        f.write(json.dumps(r) + "\n")
 
+    max_k = max((len(r["responses"]) for r in lists), default=2)
     report = {
         "data_config": dataclasses.asdict(config),
         "world_seed": world.seed,
@@ -152,6 +201,9 @@ def generate_preference_data(
         "skipped_prompts": len(skipped),
         "unfinished_samples": sum(s is None for row in samples for s in row),
         "pair_rule": "annotator top vs annotator bottom",
+        "lists": {s: sum(r["split"] == s for r in lists) for s in ("train", "test")},
+        "list_lengths": {str(k): sum(len(r["responses"]) == k for r in lists) for k in range(2, max_k + 1)},
+        "annotators": annotator_check(rows, lists, config.annotators_per_prompt),
         "seconds": {
             "sampling": sampling_seconds,
             "total": time.perf_counter() - start,
@@ -161,13 +213,63 @@ def generate_preference_data(
     }
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(
-        f"{report['rows']['train']} train / {report['rows']['test']} test pairs in {out_dir} "
+        f"{report['rows']['train']} train / {report['rows']['test']} test pairs in {out_dir}, lists in {lists_dir} "
         f"({report['seconds']['total']:.0f}s); mean entropy closed "
         f"{report['by_family']['closed']['sample_entropy']:.3f} vs open "
         f"{report['by_family']['open']['sample_entropy']:.3f} nats/token; "
         f"estimate vs true -log phi: Spearman {report['estimator']['spearman']:.2f}"
     )
     return report
+
+
+def annotator_check(rows: list[dict], lists: list[dict], annotators: int) -> dict:
+    """How the M annotators agree, over all rows (train and test), per family and template.
+
+    majority_agrees_with_label: share of pairs where more than M/2 annotators prefer the
+    label's chosen (the label is annotator 1's, who always does); vote_agreement: mean share
+    of the M annotators who do; vote_agreement_others: the same among annotators 2..M (None
+    when M = 1); unanimous: share of pairs all M annotators agree on; adjacent_agreement:
+    share of (annotator, pair of responses adjacent in mu0) ordered as mu0 orders them, which
+    the Kendall model puts at 1/(1 + phi) (``adjacent_expected``, per template)."""
+
+    def summary(pairs: list[dict], ranked: list[dict]) -> dict:
+        agree = [r["chosen_votes"] for r in pairs]
+        adjacent = [
+            m[c] < m[d]
+            for r in ranked
+            for m in r["annotator_rankings"]
+            for c, d in zip(r["central_ranking"], r["central_ranking"][1:])
+        ]
+        others = _mean((v - 1) / (annotators - 1) for v in agree) if annotators > 1 else None
+        return {
+            "pairs": len(pairs),
+            "majority_agrees_with_label": _mean(v > annotators / 2 for v in agree),
+            "vote_agreement": _mean(v / annotators for v in agree),
+            "vote_agreement_others": others,
+            "unanimous": _mean(v == annotators for v in agree),
+            "adjacent_agreement": _mean(adjacent),
+        }
+
+    by_template = {
+        t.name: {
+            "family": t.family,
+            "phi": t.phi,
+            **summary([r for r in rows if r["template"] == t.name], [r for r in lists if r["template"] == t.name]),
+            "adjacent_expected": 1 / (1 + t.phi),
+        }
+        for t in TEMPLATES
+    }
+    by_family = {
+        fam: summary([r for r in rows if r["family"] == fam], [r for r in lists if r["family"] == fam])
+        for fam in FAMILIES
+    }
+    return {
+        "per_prompt": annotators,
+        "label": "first annotator (its top vs bottom, as with one annotator); the others only vote",
+        "streams": "annotator 1: default_rng([seed, prompt index]); annotators 2..M: default_rng([seed, prompt index, 1])",
+        "by_family": by_family,
+        "by_template": by_template,
+    }
 
 
 def dispersion_check(

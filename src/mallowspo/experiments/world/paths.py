@@ -6,7 +6,9 @@ Layout of a world directory::
     <root>/world.json        the build's configuration and report
     <root>/data/train.jsonl  preference pairs on training prompts (TRL standard format)
     <root>/data/test.jsonl   preference pairs on held-out prompts
-    <root>/data/report.json  how the data was made, and the entropy-vs-truth check
+    <root>/data/report.json  how the data was made, the annotators, and the entropy-vs-truth check
+    <root>/lists/train.jsonl the same prompts' K ranked responses and M annotators' rankings
+    <root>/lists/test.jsonl  (outside data/, which then loads as pairs: see data.py)
 
 The package ships a built world under ``mallowspo/world/assets``. A world the user builds
 or regenerates goes to the *user world directory*: ``$MALLOWSPO_WORLD_DIR`` if set, else
@@ -58,6 +60,18 @@ class WorldPaths:
     def data_report(self) -> Path:
         return self.data_dir / "report.json"
 
+    @property
+    def lists_dir(self) -> Path:
+        return self.root / "lists"
+
+    @property
+    def train_lists_file(self) -> Path:
+        return self.lists_dir / "train.jsonl"
+
+    @property
+    def test_lists_file(self) -> Path:
+        return self.lists_dir / "test.jsonl"
+
     def has_model(self) -> bool:
         return (
             self.manifest.is_file()
@@ -66,7 +80,12 @@ class WorldPaths:
         )
 
     def has_data(self) -> bool:
+        """The pairs, which is what a complete world needs (a world drawn before the lists
+        existed has none; ``mallowspo world data`` redraws both)."""
         return self.train_file.is_file() and self.test_file.is_file()
+
+    def has_lists(self) -> bool:
+        return self.train_lists_file.is_file() and self.test_lists_file.is_file()
 
     def is_complete(self) -> bool:
         return self.has_model() and self.has_data()

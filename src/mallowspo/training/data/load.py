@@ -39,12 +39,15 @@ def _builder_options(builder: str, first_file: Path) -> dict:
 _SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def load_preference_dataset(source: str | os.PathLike, split: str = "train") -> datasets.Dataset:
+def load_preference_dataset(
+    source: str | os.PathLike, split: str = "train", config_name: str | None = None
+) -> datasets.Dataset:
     """Load preference data as a `datasets.Dataset`, without validating rows.
 
     source: a local .json/.jsonl/.parquet/.csv file (it has one split, "train"), a local
     directory (written by `save_to_disk`, or holding data files of one type, split by file
-    name), or a Hugging Face hub id (`datasets.load_dataset(source, split=split)`).
+    name), or a Hugging Face hub id (`datasets.load_dataset(source, config_name, split=split)`;
+    ``config_name`` is TRL's ``dataset_config``, a hub dataset's configuration).
 
     Raises FileNotFoundError for a path that does not exist, DataValidationError for an
     unsupported extension, a file that cannot be read (naming the file and, where it can be
@@ -52,6 +55,11 @@ def load_preference_dataset(source: str | os.PathLike, split: str = "train") -> 
     """
     text = os.fspath(source)
     path = Path(text).expanduser()
+    if config_name is not None and (path.exists() or looks_like_path(text)):
+        raise DataValidationError(
+            f"dataset_config={config_name!r} names a configuration of a hub dataset, but '{text}' is a local path; "
+            "drop dataset_config, or point dataset_name at the configuration's files"
+        )
     if path.is_file():
         if split != "train":
             raise DataValidationError(
@@ -67,7 +75,7 @@ def load_preference_dataset(source: str | os.PathLike, split: str = "train") -> 
             f"Preference data not found: there is no file or directory at '{text}' (resolved to {path.resolve()})."
         )
     else:
-        dataset = _load_hub(text, split)
+        dataset = _load_hub(text, split, config_name)
     _SOURCES[dataset] = text
     return dataset
 
@@ -182,9 +190,9 @@ def _load_directory(path: Path, split: str) -> datasets.Dataset:
         raise DataValidationError(f"Cannot load split '{split}' from directory {path}: {short_error(error)}") from None
 
 
-def _load_hub(source: str, split: str) -> datasets.Dataset:
+def _load_hub(source: str, split: str, config_name: str | None = None) -> datasets.Dataset:
     try:
-        return datasets.load_dataset(source, split=split)
+        return datasets.load_dataset(source, name=config_name, split=split)
     except Exception as error:  # noqa: BLE001
         raise DataValidationError(
             f"Cannot load preference data '{source}': it is not a local file or directory, and loading it as a "

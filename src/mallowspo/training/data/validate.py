@@ -11,11 +11,23 @@ from __future__ import annotations
 import difflib
 import math
 import unicodedata
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from trl.data_utils import maybe_convert_to_chatml, maybe_extract_prompt
 
+from mallowspo.training.data.tools import (
+    first_tool_use,
+    message_text,
+    parse_template_kwargs,
+    parse_tools,
+    tool_calls_of,
+)
+
+# Arguments of tokenizer.apply_chat_template that mallowspo sets itself: a row's
+# chat_template_kwargs cannot override them.
+RESERVED_TEMPLATE_KWARGS = ("tools", "add_generation_prompt", "continue_final_message", "tokenize", "return_dict")
 # Problem kind -> how to fix it (shown in errors). Order = order of the checks.
 PROBLEM_KINDS: dict[str, str] = {
     "missing_columns": "name the columns 'chosen' and 'rejected' (and optionally 'prompt')",
@@ -30,13 +42,38 @@ PROBLEM_KINDS: dict[str, str] = {
     ),
     "empty_field": "give every pair a non-empty prompt and non-empty completions",
     "chosen_equals_rejected": "drop pairs whose two completions are the same; they carry no preference",
+    "bad_tools": "give 'tools' as a list of JSON-schema objects (one per tool), or as the JSON text of such a list",
+    "bad_chat_template_kwargs": (
+        "give 'chat_template_kwargs' as an object of extra template variables (or its JSON text), without the "
+        f"names mallowspo passes itself ({', '.join(RESERVED_TEMPLATE_KWARGS)})"
+    ),
+    "missing_tools": (
+        "give the tool schemas of these rows in a 'tools' column (a list of JSON schemas, or its JSON text): the chat "
+        "template renders them into the prompt, and the model cannot learn tool calls without them"
+    ),
     "bad_dispersion": "dispersion values are -log phi(x) estimates: finite numbers > 0",
-    "prompt_too_long": "raise max_prompt_length / max_length, or shorten these prompts",
+    "prompt_too_long": (
+        "raise max_prompt_length / max_length, shorten these prompts, or set truncation_mode='keep_end' to cut "
+        "their start"
+    ),
+    "completion_too_long": (
+        "with truncation_mode='keep_end' only prompts are cut: raise max_length, set max_completion_length, or use "
+        "truncation_mode='keep_start'"
+    ),
     "completion_empty_after_truncation": (
         "these completions have no content token left; raise max_length / max_completion_length or fix the completions"
     ),
 }
-ALWAYS_FATAL = frozenset({"missing_columns", "mixed_formats"})
+ALWAYS_FATAL = frozenset({"missing_columns", "mixed_formats", "missing_tools"})
+# Note kind -> what happened to a row that was kept (not a problem: counted and reported only).
+NOTE_KINDS: dict[str, str] = {
+    "truncated": "cut to the token budgets as truncation_mode says",
+    "prompt_boundary_moved": (
+        "tokenized together, prompt and completion merge tokens across their boundary: the completion starts where "
+        "the tokens of the prompt alone and of prompt + completion diverge (as in TRL), so the prompt's last tokens "
+        "are left out of the training sequence"
+    ),
+}
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
@@ -57,7 +94,8 @@ class ValidationReport:
 
     problems: kind -> indices of the rows skipped for it (each row under one kind, the
         first found); dataset-level problems (missing_columns) have an empty list.
-    examples: kind -> description of the first case.
+    examples: kind -> description of the first case (problems and notes).
+    notes: kind (NOTE_KINDS) -> indices of kept rows that were changed, e.g. truncated.
     """
 
     total_rows: int
@@ -66,12 +104,18 @@ class ValidationReport:
     examples: dict[str, str] = field(default_factory=dict)
     name: str = "train"
     source: str | None = None
+    notes: dict[str, list[int]] = field(default_factory=dict)
 
     def add(self, kind: str, row: int | None, detail: str) -> None:
         rows = self.problems.setdefault(kind, [])
         if row is not None:
             rows.append(row)
         self.examples.setdefault(kind, detail if row is None else f"row {row}: {detail}")
+
+    def note(self, kind: str, row: int, detail: str) -> None:
+        """Count a kept row under a note kind (NOTE_KINDS), e.g. "truncated"."""
+        self.notes.setdefault(kind, []).append(row)
+        self.examples.setdefault(kind, f"row {row}: {detail}")
 
     @property
     def where(self) -> str:
@@ -80,14 +124,21 @@ class ValidationReport:
     def summary(self) -> str:
         """Human-readable: totals, then per kind the count and the first example."""
         head = f"Preference data {self.where}: {self.total_rows} rows, {self.kept_rows} kept"
+        if self.notes:
+            head += " (" + ", ".join(f"{len(rows)} {kind}" for kind, rows in self.notes.items()) + ")"
+        notes = [
+            f"  {kind} (kept): {len(rows)} row{'s' if len(rows) != 1 else ''}, {NOTE_KINDS[kind]}; e.g. "
+            f"{self.examples.get(kind, '')}"
+            for kind, rows in self.notes.items()
+        ]
         if not self.problems:
-            return head + ", no problems found."
+            return "\n".join([head + ", no problems found.", *notes])
         n_bad = len(set().union(*self.problems.values()))
         lines = [head + f", {n_bad} with problems (0-based row indices):"]
         for kind, rows in self.problems.items():
             what = f"{len(rows)} row{'s' if len(rows) != 1 else ''}; e.g. " if rows else ""
             lines.append(f"  {kind}: {what}{self.examples.get(kind, '')}")
-        return "\n".join(lines)
+        return "\n".join(lines + notes)
 
     def to_dict(self) -> dict:
         return {
@@ -96,6 +147,7 @@ class ValidationReport:
             "total_rows": self.total_rows,
             "kept_rows": self.kept_rows,
             "problems": {kind: list(rows) for kind, rows in self.problems.items()},
+            "notes": {kind: list(rows) for kind, rows in self.notes.items()},
             "examples": dict(self.examples),
         }
 
@@ -143,6 +195,9 @@ class CheckedPair:
     rejected: Any
     conversational: bool
     dispersion: float | None = None
+    tools: list[dict] | None = None  # the row's tool schemas (conversational rows)
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # its extra chat-template variables
+    annotations: dict[str, Any] = field(default_factory=dict)  # its annotation columns, as they are (dispersion)
 
 
 class RowProblem(Exception):
@@ -151,8 +206,10 @@ class RowProblem(Exception):
         self.kind, self.detail = kind, detail
 
 
-def check_columns(columns: list[str], dispersion_column: str | None, report: ValidationReport) -> None:
-    required = ["chosen", "rejected"] + ([dispersion_column] if dispersion_column else [])
+def check_columns(
+    columns: list[str], dispersion_column: str | None, report: ValidationReport, annotation_columns: Sequence[str] = ()
+) -> None:
+    required = ["chosen", "rejected"] + ([dispersion_column] if dispersion_column else []) + list(annotation_columns)
     missing = [name for name in required if name not in columns]
     if not missing:
         return
@@ -198,15 +255,19 @@ def _check_messages(name: str, messages: list[dict]) -> None:
             raise RowProblem(
                 "bad_messages", f"message {position} of '{name}' has role {role!r}, not one of {MESSAGE_ROLES}{hint}"
             )
-        if not isinstance(content, str):
+        try:
+            calls = tool_calls_of(message)
+        except ValueError as bad:
+            raise RowProblem("bad_messages", f"message {position} of '{name}' {bad}") from None
+        if not isinstance(content, str) and not (calls and content is None):
             raise RowProblem(
                 "bad_messages", f"message {position} of '{name}' has content {_describe(content)}, expected a string"
             )
 
 
 def _text_of(value: Any) -> str:
-    """The text a field carries: the string itself, or the messages' contents."""
-    return value if isinstance(value, str) else "".join(m["content"] for m in value)
+    """The text a field carries: the string itself, or the messages' contents and tool calls."""
+    return value if isinstance(value, str) else "".join(message_text(m) for m in value)
 
 
 def _is_blank(text: str) -> bool:
@@ -231,8 +292,11 @@ def _parse_dispersion(value: Any) -> float:
     return number
 
 
-def check_row(index: int, row: dict, has_prompt: bool, dispersion_column: str | None) -> CheckedPair:
-    """Raw checks of one row (no tokenizer); returns it with an explicit prompt."""
+def check_row(
+    index: int, row: dict, has_prompt: bool, dispersion_column: str | None, annotation_columns: Sequence[str] = ()
+) -> CheckedPair:
+    """Raw checks of one row (no tokenizer); returns it with an explicit prompt. The values of
+    ``annotation_columns`` are carried as they are (the dispersion path reads and checks them)."""
     names = ["prompt", "chosen", "rejected"] if has_prompt else ["chosen", "rejected"]
     formats = {name: _field_format(name, row[name]) for name in names}
     if formats["chosen"] != formats["rejected"]:
@@ -281,13 +345,37 @@ def check_row(index: int, row: dict, has_prompt: bool, dispersion_column: str | 
         if example["prompt"][-1]["role"] not in ("user", "tool", "assistant"):
             raise RowProblem("bad_messages", f"the prompt ends with a {example['prompt'][-1]['role']!r} message")
 
+    tools, template_kwargs = _template_inputs(row, example) if conversational else (None, {})
     dispersion = _parse_dispersion(row[dispersion_column]) if dispersion_column else None
-    return CheckedPair(index, example["prompt"], example["chosen"], example["rejected"], conversational, dispersion)
+    prompt, chosen, rejected = example["prompt"], example["chosen"], example["rejected"]
+    annotations = {column: row[column] for column in annotation_columns}
+    return CheckedPair(
+        index, prompt, chosen, rejected, conversational, dispersion, tools, template_kwargs, annotations
+    )
+
+
+def _template_inputs(row: dict, conversation: dict[str, list[dict]]) -> tuple[list[dict] | None, dict[str, Any]]:
+    """The row's tool schemas and extra template variables; a conversation that uses tools needs
+    the schemas (the template renders them into the prompt: without them the model learns to
+    call tools it was never shown)."""
+    try:
+        tools = parse_tools(row.get("tools"))
+    except ValueError as bad:
+        raise RowProblem("bad_tools", str(bad)) from None
+    try:
+        template_kwargs = parse_template_kwargs(row.get("chat_template_kwargs"), RESERVED_TEMPLATE_KWARGS)
+    except ValueError as bad:
+        raise RowProblem("bad_chat_template_kwargs", str(bad)) from None
+    use = first_tool_use(conversation)
+    if use is not None and tools is None:
+        given = "has no 'tools' column" if "tools" not in row else "has no value in its 'tools' column"
+        raise RowProblem("missing_tools", f"{use}, but the row {given}")
+    return tools, template_kwargs
 
 
 def _same(a: Any, b: Any) -> bool:
     """Same completion up to surrounding whitespace (of the text, or of each message)."""
     if isinstance(a, str) and isinstance(b, str):
         return a.strip() == b.strip()
-    key = lambda messages: [(m.get("role"), (m.get("content") or "").strip()) for m in messages]  # noqa: E731
+    key = lambda messages: [(m.get("role"), message_text(m).strip()) for m in messages]  # noqa: E731
     return key(a) == key(b)
