@@ -40,6 +40,9 @@ class Workload:
     beta: float = 0.1
     phi_star: float = 0.29  # fixed dispersion normalisation (the authors' constant), same for all
     seed: int = 0
+    # Length-skewed data: in every run of batch_pairs pairs one has the full lengths and the others an
+    # eighth of them (padded batches are then mostly padding; padding_free packs only the real tokens).
+    skewed: bool = False
 
     @property
     def max_length(self) -> int:
@@ -57,12 +60,22 @@ class Workload:
         return f"v{self.vocab_size}_p{self.prompt_len}_r{self.response_len}_" + hashlib.sha1(blob).hexdigest()[:8]
 
     def describe(self) -> str:
+        kv = f" ({self.num_kv_heads} key-value heads)" if self.num_kv_heads != self.num_heads else ""
+        lengths = f"{self.prompt_len} prompt + {self.response_len} response tokens"
+        if self.skewed:
+            lengths = f"up to {lengths}, one pair in {self.batch_pairs} full length and the others 1/8 of it"
         return (
             f"Llama, vocab {self.vocab_size}, hidden {self.hidden_size}, {self.num_layers} layers, "
-            f"{self.num_heads} heads, MLP {self.intermediate_size}, untied LM head; "
-            f"{self.batch_pairs} pairs/step (= {2 * self.batch_pairs} sequences of "
-            f"{self.prompt_len} prompt + {self.response_len} response tokens)"
+            f"{self.num_heads} heads{kv}, MLP {self.intermediate_size}, untied LM head, "
+            f"{self.parameter_count() / 1e6:.1f} M parameters; "
+            f"{self.batch_pairs} pairs/step (= {2 * self.batch_pairs} sequences of {lengths})"
         )
+
+    def pair_lengths(self, index: int) -> tuple[int, int]:
+        """(prompt, response) tokens of pair ``index`` (``skewed``: see the field)."""
+        if self.skewed and index % self.batch_pairs:
+            return max(2, self.prompt_len // 8), max(2, self.response_len // 8)
+        return self.prompt_len, self.response_len
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -120,7 +133,8 @@ def build_tokenizer(vocab_size: int):
 
 def make_pairs(w: Workload) -> list[dict]:
     """Token-id preference pairs with exact lengths: prompt_len prompt tokens; chosen and
-    rejected of response_len tokens each, the last one EOS. Ids avoid the special tokens."""
+    rejected of response_len tokens each, the last one EOS (``skewed``: ``Workload.pair_lengths``).
+    Ids avoid the special tokens."""
     rng = random.Random(w.seed)
     eos_id = SPECIALS.index(EOS)
     lo, hi = len(SPECIALS), w.vocab_size - 1
@@ -129,11 +143,12 @@ def make_pairs(w: Workload) -> list[dict]:
         return [rng.randint(lo, hi) for _ in range(n)]
 
     pairs = []
-    for _ in range(w.n_pairs):
-        chosen, rejected = ids(w.response_len - 1) + [eos_id], ids(w.response_len - 1) + [eos_id]
+    for index in range(w.n_pairs):
+        prompt_len, response_len = w.pair_lengths(index)
+        chosen, rejected = ids(response_len - 1) + [eos_id], ids(response_len - 1) + [eos_id]
         if chosen == rejected:  # astronomically unlikely; keep the data valid anyway
             rejected[0] = lo + (rejected[0] - lo + 1) % (hi - lo + 1)
-        pairs.append({"prompt_ids": ids(w.prompt_len), "chosen_ids": chosen, "rejected_ids": rejected})
+        pairs.append({"prompt_ids": ids(prompt_len), "chosen_ids": chosen, "rejected_ids": rejected})
     return pairs
 
 
@@ -151,18 +166,21 @@ def pair_text(pair: dict) -> dict:
     }
 
 
-def build_assets(w: Workload, root: Path) -> Path:
-    """Write model (random init, saved with save_pretrained), tokenizer and data for ``w``
-    under ``root/<w.key()>`` once; return that directory."""
-    out = Path(root) / w.key()
-    if (out / "DONE").exists():
-        return out
+def model_key(w: Workload) -> str:
+    """What the saved model depends on (not the data lengths, up to 2048 tokens): workloads that
+    differ only in their data share one model directory."""
+    fields = (w.vocab_size, w.hidden_size, w.intermediate_size, w.num_layers, w.num_heads, w.num_kv_heads)
+    blob = json.dumps([*fields, w.seed, max(2048, w.max_length)]).encode()
+    return "model_" + hashlib.sha1(blob).hexdigest()[:10]
+
+
+def _save_model(w: Workload, model_dir: Path) -> None:
+    """The random-init Llama of ``w`` and its tokenizer, saved with save_pretrained."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(w.vocab_size)
     config = LlamaConfig(
         vocab_size=w.vocab_size,
@@ -183,8 +201,24 @@ def build_assets(w: Workload, root: Path) -> Path:
     # makes them peaked enough that entropies, log-ratios and the dispersion are not degenerate.
     with torch.no_grad():
         model.lm_head.weight.mul_(8.0)
-    model.save_pretrained(out / "model", safe_serialization=True)
-    tokenizer.save_pretrained(out / "model")
+    model.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    (model_dir / "DONE").write_text("ok\n")
+
+
+def build_assets(w: Workload, root: Path) -> Path:
+    """Write model (random init, saved with save_pretrained), tokenizer and data for ``w``
+    under ``root/<w.key()>`` once; return that directory. The model and its tokenizer are written
+    once per ``model_key`` under ``root/models`` and linked as ``model``."""
+    out = Path(root) / w.key()
+    if (out / "DONE").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    model_dir = (Path(root) / "models" / model_key(w)).resolve()
+    if not (model_dir / "DONE").exists():
+        _save_model(w, model_dir)
+    if not (out / "model").exists():
+        (out / "model").symlink_to(model_dir, target_is_directory=True)
 
     pairs = make_pairs(w)
     with open(out / "pairs.json", "w") as f:
@@ -194,6 +228,7 @@ def build_assets(w: Workload, root: Path) -> Path:
             f.write(json.dumps(pair_text(pair)) + "\n")
 
     # The text must tokenize back to exactly the ids (what TRL and mallowspo will see).
+    tokenizer = build_tokenizer(w.vocab_size)
     row, pair = pair_text(pairs[0]), pairs[0]
     assert tokenizer(row["prompt"]).input_ids == pair["prompt_ids"]
     assert tokenizer(row["prompt"] + row["chosen"]).input_ids == pair["prompt_ids"] + pair["chosen_ids"]

@@ -29,7 +29,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import roofline  # noqa: E402
 from common import Settings, Workload, available_cores, build_assets, median  # noqa: E402
+from profiling import render_groups  # noqa: E402
 
 MAIN_SYSTEMS = (
     "trl_dpo_pre",
@@ -45,6 +47,9 @@ MAIN_SYSTEMS = (
     "refpass",
 )
 SCALING_SYSTEMS = ("trl_dpo_pre", "mpo_phi_pre", "naive", "floor", "refpass")
+# Measured in both dtypes by default (the run's dtype and the other one, fp32 <-> bf16 autocast).
+BOTH_DTYPES_SYSTEMS = ("trl_dpo_pre", "mpo_phi_pre", "floor")
+DTYPES = ("fp32", "bf16")
 
 LABELS = {
     "trl_dpo": "TRL DPOTrainer",
@@ -56,8 +61,24 @@ LABELS = {
     "mpo_phi": "mallowspo mallows=phi",
     "mpo_phi_pre": "mallowspo mallows=phi, precomputed ref",
     "naive": "naive MallowsPO-theta (full logits + entropy every step)",
-    "floor": "floor: policy fwd+bwd, plain CE, AdamW",
+    "floor": "floor: the model's own fwd+bwd (plain CE, all positions) + AdamW step",
 }
+
+
+def dtype_key(system: str, dtype: str, primary: str) -> str:
+    """The summary key of ``system`` measured in ``dtype``: the plain name in the run's own dtype,
+    ``system@dtype`` in the other one."""
+    return system if dtype == primary else f"{system}@{dtype}"
+
+
+def other_dtype(dtype: str) -> str:
+    return "bf16" if dtype == "fp32" else "fp32"
+
+
+def system_label(key: str) -> str:
+    system, _, dtype = key.partition("@")
+    return LABELS.get(system, system) + (f" ({dtype})" if dtype else "")
+
 
 # Presets: the main workload and how it is measured, the scaling grid and its measurement.
 PRESETS = {
@@ -92,6 +113,7 @@ PRESETS = {
         refpass_repeats=2,
         one_process=False,
         hidden_grid=(),
+        gemm_min_s=0.05,
     ),
     "smoke": dict(
         workload=Workload(
@@ -118,6 +140,7 @@ PRESETS = {
         one_process=True,  # one worker process for everything: start-up dominates
         threads=1,
         hidden_grid=(64,),
+        gemm_min_s=0.002,
     ),
 }
 
@@ -178,7 +201,12 @@ def run_jobs(jobs: list[dict], tmp: Path, threads: int, timeout: float, log) -> 
             )
     for entry in entries:
         entry["wall_s"] = wall if len(jobs) == 1 else entry.get("job_wall_s", wall / len(jobs))
-        status = "error" if "error" in entry else f"{entry['result'].get('median_step_s') or 0:.4f} s/step"
+        result = entry.get("result", {})
+        status = (
+            "error"
+            if "error" in entry
+            else (f"{result['median_step_s']:.4f} s/step" if result.get("median_step_s") else "done")
+        )
         log(f"  {entry['tag']:<40} {status}  ({entry['wall_s']:.0f} s)")
     return entries
 
@@ -210,7 +238,9 @@ def summarise(entries: list[dict], device: str) -> dict[str, dict]:
     for system, runs in by_system(entries).items():
         ok = [r for r in runs if "result" in r]
         info = {"runs": len(runs), "errors": [r["error"] for r in runs if "error" in r]}
-        if system == "refpass":
+        if system == "gemm":
+            info["result"] = ok[0]["result"] if ok else None
+        elif system == "refpass":
             info["with_entropy_pairs_per_s"] = median([r["result"]["with_entropy_pairs_per_s"] for r in ok])
             info["without_entropy_pairs_per_s"] = median([r["result"]["without_entropy_pairs_per_s"] for r in ok])
             # each with/without pair ran back to back: the ratio of each pair, median per measurement
@@ -325,7 +355,7 @@ def fit_scaling_steps(main_entries, main: Workload, main_warmup, points, steps, 
     ``seconds_left``, from the main table's per-system step times and fixed overheads."""
     step_s, overhead = {}, {}
     for e in main_entries:
-        if "result" not in e:
+        if "result" not in e or e["system"] not in SCALING_SYSTEMS:
             continue
         r = e["result"]
         if e["system"] == "refpass":
@@ -420,7 +450,45 @@ def with_hidden(w: Workload, hidden: int) -> Workload:
     )
 
 
-def render(meta: dict, main: dict, rows: list[dict], scaling: list[dict], hidden: list[dict] = ()) -> str:
+def dtype_comparisons(main: dict, primary: str) -> list[dict]:
+    """bf16 against fp32 and mallowspo against TRL within bf16: step-time (paired by round) and memory ratios."""
+    pairs = [
+        ("mpo_phi_pre", "bf16", "trl_dpo_pre", "bf16", "mallowspo phi bf16 / TRL DPO bf16 (precomputed ref)"),
+        ("mpo_phi_pre", "bf16", "mpo_phi_pre", "fp32", "mallowspo phi bf16 / mallowspo phi fp32 (precomputed ref)"),
+        ("trl_dpo_pre", "bf16", "trl_dpo_pre", "fp32", "TRL DPO bf16 / TRL DPO fp32 (precomputed ref)"),
+        ("floor", "bf16", "floor", "fp32", "floor bf16 / floor fp32"),
+        ("mpo_phi_pre", "bf16", "floor", "bf16", "mallowspo phi bf16 / floor bf16 (precomputed ref)"),
+    ]
+    out = []
+    for a, da, b, db, what in pairs:
+        ka, kb = dtype_key(a, da, primary), dtype_key(b, db, primary)
+        if ka not in main or kb not in main:
+            continue
+        value, spread = paired_ratio(main, ka, kb)
+        pa, pb = main[ka].get("peak_mib"), main[kb].get("peak_mib")
+        out.append(
+            dict(
+                what=what,
+                a=ka,
+                b=kb,
+                step_ratio=value,
+                spread=spread,
+                memory_ratio=memory_ratio(main, ka, kb),
+                memory_diff_mib=(pa - pb) if pa and pb else None,
+            )
+        )
+    return out
+
+
+def render(
+    meta: dict,
+    main: dict,
+    rows: list[dict],
+    scaling: list[dict],
+    hidden: list[dict] = (),
+    roof: list[dict] = (),
+    profiles: list[dict] = (),
+) -> str:
     device, mem_name = (
         meta["settings"]["device"],
         ("peak CUDA allocated" if meta["settings"]["device"] == "cuda" else "peak RSS"),
@@ -481,22 +549,59 @@ def render(meta: dict, main: dict, rows: list[dict], scaling: list[dict], hidden
         f"| system | s/step (median) | per-round medians | steps | {mem_name} (MiB) | RSS at train start (MiB) | ref model in memory | / floor | / TRL (same ref setting) |"
     )
     L.append("| --- | ---: | --- | ---: | ---: | ---: | :---: | ---: | ---: |")
-    for system in MAIN_SYSTEMS:
+    primary = s["dtype"]
+    other_keys = [k for k in main if "@" in k and not k.startswith("gemm")]
+    for system in [*MAIN_SYSTEMS, *other_keys]:
         info = main.get(system)
-        if system == "refpass" or info is None:
+        base, _, dtype = system.partition("@")
+        if base in ("refpass", "gemm") or info is None:
             continue
         if info.get("errors") and not info.get("n_steps"):
-            L.append(f"| {LABELS[system]} | error | | | | | | | |")
+            L.append(f"| {system_label(system)} | error | | | | | | | |")
             continue
-        floor_ratio, _ = paired_ratio(main, system, "floor")
-        trl = "trl_dpo_pre" if system.endswith("_pre") else "trl_dpo"
-        trl_ratio = paired_ratio(main, system, trl)[0] if system.startswith("mpo") else None
+        dtype = dtype or primary
+        floor_ratio, _ = paired_ratio(main, system, dtype_key("floor", dtype, primary))
+        trl = dtype_key("trl_dpo_pre" if base.endswith("_pre") else "trl_dpo", dtype, primary)
+        trl_ratio = paired_ratio(main, system, trl)[0] if base.startswith("mpo") else None
         L.append(
-            f"| {LABELS[system]} | {fmt(info['median_step_s'], 4)} | {', '.join(fmt(x, 4) for x in info['round_medians'])} | "
+            f"| {system_label(system)} | {fmt(info['median_step_s'], 4)} | {', '.join(fmt(x, 4) for x in info['round_medians'])} | "
             f"{info['n_steps']} | {fmt(info['peak_mib'], 0)} | {fmt(info['rss_before_train_mib'], 0)} | "
             f"{'yes' if info['holds_ref_model'] else 'no'} | {fmt(floor_ratio, 2)} | {fmt(trl_ratio, 3)} |"
         )
     L.append("")
+    if other_keys:
+        L.append(
+            f"Rows marked ({other_dtype(primary)}) ran in the other dtype; their / floor and / TRL columns "
+            "compare with the same dtype.\n"
+        )
+    comparisons = dtype_comparisons(main, primary)
+    if comparisons:
+        L.append("## bf16 against fp32 (main workload)\n")
+        L.append(
+            "bf16 is autocast over float32 master weights (`bf16=True`; on CPU with `use_cpu=True`, where the "
+            "matrix products run in bf16 on AMX/AVX-512-BF16 units when the CPU has them). Step-time ratios "
+            "are paired by round as above.\n"
+        )
+        L.append(f"| comparison | step-time ratio | per-round values | {mem_name} ratio | {mem_name} difference |")
+        L.append("| --- | ---: | --- | ---: | ---: |")
+        for c in comparisons:
+            diff = f"{c['memory_diff_mib']:+.0f} MiB" if c["memory_diff_mib"] is not None else "n/a"
+            L.append(
+                f"| {c['what']} | {fmt(c['step_ratio'], 3)} | {', '.join(f'{x:.3f}' for x in c['spread'])} | "
+                f"{fmt(c['memory_ratio'], 3)} | {diff} |"
+            )
+        L.append("")
+    L += roofline.render(main.get("gemm", {}).get("result"), list(roof), {k: system_label(k) for k in LABELS}, fmt)
+    if profiles:
+        L.append("## Profile breakdown\n")
+        L.append(
+            "torch.profiler over a few steps of each `--profile` system (the profiler slows them: these runs' step "
+            "times are not comparable). Every op's self time goes to one group (`benchmarks/profiling.py`). Op "
+            "tables: next to the report, `<report>.profile-<system>.txt`.\n"
+        )
+        for p in profiles:
+            for clock, breakdown in p["groups"].items():
+                L += render_groups(f"{system_label(p['system'])}: {clock}", breakdown)
     ref = main.get("refpass")
     if ref:
         L.append("## Reference pass throughput (main workload)\n")
@@ -608,12 +713,18 @@ def parse_args(argv=None):
         "--threads", type=int, default=None, help="torch threads in every worker (default: available cores)"
     )
     p.add_argument("--systems", help="comma-separated subset of the main systems (development)")
+    p.add_argument(
+        "--both-dtypes",
+        help="comma-separated main systems also measured in the other dtype (fp32 <-> bf16), interleaved in the "
+        f"same rounds; 'none' for none (default: those of {','.join(BOTH_DTYPES_SYSTEMS)} that are measured)",
+    )
     p.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
     p.add_argument(
         "--profile",
         default="",
-        help="comma-separated systems to profile (torch.profiler op tables "
-        "written next to --out as <out>.profile-<system>.txt)",
+        help="comma-separated systems to profile, a name@dtype for the other dtype's run (e.g. mpo_phi_pre@bf16): "
+        "torch.profiler op tables and their grouping by kind of work, written next to --out as "
+        "<out>.profile-<system>.txt and added to the report",
     )
     p.add_argument("--workdir", help="keep assets and worker logs here (default: a temporary directory)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per worker process")
@@ -623,7 +734,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--budget-min",
         type=float,
-        default=40.0,
+        default=50.0,
         help="total minutes to aim for: the scaling steps are lowered (not below 3) to fit what the main "
         "table left; --scaling-steps overrides",
     )
@@ -646,7 +757,19 @@ def main(argv=None) -> int:
     unknown = set(main_systems) - set(MAIN_SYSTEMS)
     if unknown:
         raise SystemExit(f"unknown systems {sorted(unknown)}; choose from {MAIN_SYSTEMS}")
+    if args.both_dtypes is None:
+        both = tuple(x for x in BOTH_DTYPES_SYSTEMS if x in main_systems)
+    else:
+        both = () if args.both_dtypes in ("", "none") else tuple(x for x in args.both_dtypes.split(",") if x)
+    unknown = set(both) - set(main_systems)
+    if unknown:
+        raise SystemExit(f"--both-dtypes: {sorted(unknown)} are not among the main systems {main_systems}")
+    other = other_dtype(dtype)
+    measured_systems = (*main_systems, *(f"{x}@{other}" for x in both))
     profile = {s for s in args.profile.split(",") if s}
+    unknown = profile - set(measured_systems)
+    if unknown:
+        raise SystemExit(f"--profile: {sorted(unknown)} are not measured in this run; choose from {measured_systems}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -665,6 +788,9 @@ def main(argv=None) -> int:
         steps=steps,
         warmup=warmup,
         extra={"refpass_repeats": preset["refpass_repeats"]},
+    )
+    gemm_settings = dataclasses.replace(
+        settings, extra={"dtypes": [dtype, other] if both else [dtype], "gemm_min_s": preset.get("gemm_min_s", 0.1)}
     )
     scaling_settings = Settings(
         device=device,
@@ -697,18 +823,19 @@ def main(argv=None) -> int:
 
     def job_maker(w: Workload, s: Settings, prefix: str):
         def make(system, r):
-            tag = f"{prefix}{system}-r{r}"
+            tag = f"{prefix}{system.replace('@', '-')}-r{r}"
             prof = (
-                str(out.with_name(f"{out.stem}.profile-{system}.txt"))
+                str(out.with_name(f"{out.stem}.profile-{system.replace('@', '-')}.txt"))
                 if (system in profile and r == 0 and prefix == "main-")
                 else None
             )
+            job_settings = dataclasses.replace(s, dtype=system.partition("@")[2] or s.dtype)
             return {
                 "system": system,
                 "tag": tag,
                 "round": r,
                 "workload": w.to_dict(),
-                "settings": s.to_dict(),
+                "settings": job_settings.to_dict(),
                 "assets": assets[w],
                 "profile": prof,
             }
@@ -729,7 +856,9 @@ def main(argv=None) -> int:
             groups.append((prefix, w, schedule(("refpass",), 1, job_maker(w, hidden_settings, prefix))))
         return groups
 
-    main_jobs = schedule(main_systems, rounds, job_maker(workload, settings, "main-"))
+    # The GEMM rates for the roofline first (a fresh process, nothing else running), then the rounds.
+    main_jobs = [job_maker(workload, gemm_settings, "main-")("gemm", 0)]
+    main_jobs += schedule(measured_systems, rounds, job_maker(workload, settings, "main-"))
     entries_by_group: dict[str, list[dict]] = {}
     budget_note = ""
     if preset["one_process"] and not args.isolate:
@@ -776,6 +905,27 @@ def main(argv=None) -> int:
 
     main_summary = summarise(entries_by_group["main"], device)
     rows = targets(main_summary)
+    gemm_result = main_summary.get("gemm", {}).get("result")
+    roof_rows = (
+        roofline.roofline_rows(
+            gemm_result,
+            {
+                (system, d): main_summary.get(dtype_key(system, d, dtype), {}).get("median_step_s")
+                for system in roofline.ROOFLINE_SYSTEMS
+                for d in DTYPES
+            },
+        )
+        if gemm_result
+        else []
+    )
+    profiles = [
+        {"system": e["system"], "groups": e["result"]["profile_groups"]}
+        for e in entries_by_group["main"]
+        if e.get("result", {}).get("profile_groups")
+    ]
+    for p in profiles:
+        for clock, breakdown in p["groups"].items():
+            log("\n".join(render_groups(f"profile {p['system']}: {clock}", breakdown)))
     scaling_rows = []
     for w in scaling_points:
         label = "main" if w == workload else f"scale-v{w.vocab_size}-r{w.response_len}-"
@@ -832,6 +982,7 @@ def main(argv=None) -> int:
         "machine": machine_info(device),
         "versions": versions(),
         "settings": settings.to_dict(),
+        "both_dtypes": list(both),
         "rounds": rounds,
         "workload": workload.to_dict(),
         "loadavg": {"start": load_start, "end": load_end} if load_start else None,
@@ -845,7 +996,7 @@ def main(argv=None) -> int:
         "total_s": time.perf_counter() - t_start,
         "shape_problems": shape_problems,
     }
-    report = render(meta, main_summary, rows, scaling_rows, hidden_rows)
+    report = render(meta, main_summary, rows, scaling_rows, hidden_rows, roof_rows, profiles)
     if shape_problems:
         report += "\n## Workload mismatch\n\n" + "\n".join(f"- {p}" for p in shape_problems) + "\n"
     out.write_text(report)
@@ -855,6 +1006,9 @@ def main(argv=None) -> int:
         "targets": rows,
         "scaling": scaling_rows,
         "hidden": hidden_rows,
+        "dtype_comparisons": dtype_comparisons(main_summary, dtype),
+        "roofline": {"gemm": gemm_result, "rows": roof_rows},
+        "profiles": profiles,
         "entries": all_entries,
     }
     out.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=str))

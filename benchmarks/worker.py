@@ -14,11 +14,17 @@ A job is {"system": name, "workload": Workload, "settings": Settings, "assets": 
     naive                       MallowsPO-theta the authors' way (baselines.naive_step)
     floor                       policy forward + backward with plain cross-entropy + AdamW (baselines.floor_step)
     refpass                     mallowspo's reference pass over the data, with and without the entropy statistic
+    gemm                        this machine's GEMM rates at the shapes of the workload's step (roofline.py)
+
+A system name may end in ``@fp32`` or ``@bf16`` (the same system in the other dtype of a run); the
+dtype itself comes from the job's settings. ``settings.extra`` may hold ``padding_free`` (mallowspo
+trainers) and ``attn_implementation`` (every model load).
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -50,7 +56,12 @@ TRAINER_SYSTEMS = {
     "mpo_phi_pre": ("mallowspo", "phi", True),
 }
 LOOP_SYSTEMS = ("naive", "floor")
-ALL_SYSTEMS = (*TRAINER_SYSTEMS, *LOOP_SYSTEMS, "refpass")
+ALL_SYSTEMS = (*TRAINER_SYSTEMS, *LOOP_SYSTEMS, "refpass", "gemm")
+
+
+def base_system(name: str) -> str:
+    """``mpo_phi_pre@bf16`` -> ``mpo_phi_pre``: the system a (possibly dtype-suffixed) name measures."""
+    return name.split("@", 1)[0]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -83,7 +94,12 @@ def _load_model(assets: Path, settings: Settings):
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(assets / "model", dtype=torch.float32)
+    kwargs = (
+        {"attn_implementation": settings.extra["attn_implementation"]}
+        if settings.extra.get("attn_implementation")
+        else {}
+    )
+    model = AutoModelForCausalLM.from_pretrained(assets / "model", dtype=torch.float32, **kwargs)
     return model.to(settings.device)
 
 
@@ -101,16 +117,17 @@ def _text_dataset(assets: Path):
 
 
 class _Profiler:
-    """torch.profiler over a few steps after warm-up, its op table written to ``path``."""
+    """torch.profiler over a few steps after warm-up: its op table, then the same time grouped by
+    kind of work (``profiling.op_groups``), written to ``path``; the grouping is kept in ``groups``."""
 
-    def __init__(self, path: str | None, warmup: int, active: int = 3):
-        self.path, self.prof = path, None
+    def __init__(self, path: str | None, warmup: int, vocab_size: int, steps: int = 3, active: int = 3):
+        self.path, self.prof, self.vocab_size, self.groups = path, None, vocab_size, None
         if path:
             import torch.profiler as tp
 
             self.prof = tp.profile(
                 activities=[tp.ProfilerActivity.CPU] + ([tp.ProfilerActivity.CUDA] if _cuda_available() else []),
-                schedule=tp.schedule(wait=max(warmup - 1, 0), warmup=1, active=active, repeat=1),
+                schedule=tp.schedule(wait=max(warmup - 1, 0), warmup=1, active=max(1, min(active, steps)), repeat=1),
                 record_shapes=True,
             )
 
@@ -126,9 +143,27 @@ class _Profiler:
     def __exit__(self, *exc):
         if self.prof:
             self.prof.__exit__(*exc)
-            sort = "self_device_time_total" if _cuda_available() else "self_cpu_time_total"
+            from profiling import op_groups, render_groups
+
+            device = _cuda_available()
+            sort = "self_device_time_total" if device else "self_cpu_time_total"
             table = self.prof.key_averages(group_by_input_shape=False).table(sort_by=sort, row_limit=40)
-            Path(self.path).write_text(table)
+            events = self.prof.events()
+            self.groups = {"cpu": op_groups(events, self.vocab_size)}
+            if device:
+                self.groups["device"] = op_groups(events, self.vocab_size, device_time=True)
+            text = [table, ""]
+            for clock, breakdown in self.groups.items():
+                text += render_groups(f"Grouped ({clock})", breakdown)
+            Path(self.path).write_text("\n".join(text))
+
+
+def _cuda_allocated_mib(device: str):
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.memory_allocated() / 2**20
+    return None
 
 
 def _cuda_available() -> bool:
@@ -229,6 +264,7 @@ def _build_mallowspo(w, s, assets, variant, precompute, output_dir):
 
     args = MallowsPOConfig(
         **_common_training_args(w, s, output_dir, precompute),
+        padding_free=bool(s.extra.get("padding_free", False)),
         loss_type="sigmoid",
         mallows=variant,
         dispersion_normalization=w.phi_star,  # fixed phi*, the same constant the naive baseline uses
@@ -244,7 +280,7 @@ def _build_mallowspo(w, s, assets, variant, precompute, output_dir):
 
 def run_trainer(job: dict) -> dict:
     w, s, assets = Workload.from_dict(job["workload"]), Settings.from_dict(job["settings"]), Path(job["assets"])
-    kind, variant, precompute = TRAINER_SYSTEMS[job["system"]]
+    kind, variant, precompute = TRAINER_SYSTEMS[base_system(job["system"])]
     _reset_cuda_peak(s.device)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-out-") as output_dir:
@@ -255,7 +291,7 @@ def run_trainer(job: dict) -> dict:
         else:
             trainer = _build_mallowspo(w, s, assets, variant, precompute, output_dir)
         setup_s = time.perf_counter() - t0
-        prof = _Profiler(job.get("profile"), s.warmup)
+        prof = _Profiler(job.get("profile"), s.warmup, w.vocab_size, s.steps)
         timer = _make_step_timer(s.device, prof)
         trainer.add_callback(timer)
         recorder = _RecordingCollator(trainer.data_collator)
@@ -271,6 +307,7 @@ def run_trainer(job: dict) -> dict:
         "batch": recorder.first,
         "train_loss": float(output.training_loss),
         "holds_ref_model": getattr(trainer, "ref_model", None) is not None,
+        "profile_groups": prof.groups,
     }
 
 
@@ -296,7 +333,7 @@ def run_loop(job: dict) -> dict:
     from mallowspo.training.collate import PreferenceCollator
 
     w, s, assets = Workload.from_dict(job["workload"]), Settings.from_dict(job["settings"]), Path(job["assets"])
-    system = job["system"]
+    system = base_system(job["system"])
     _reset_cuda_peak(s.device)
     t0 = time.perf_counter()
     torch.manual_seed(w.seed)
@@ -314,7 +351,7 @@ def run_loop(job: dict) -> dict:
     setup_s = time.perf_counter() - t0
 
     times, first, loss = [], None, None
-    prof = _Profiler(job.get("profile"), s.warmup)
+    prof = _Profiler(job.get("profile"), s.warmup, w.vocab_size, s.steps)
     _sync(s.device)
     rss_before = current_rss_mib()
     with prof:
@@ -350,6 +387,7 @@ def run_loop(job: dict) -> dict:
         "batch": first,
         "train_loss": float(loss),
         "holds_ref_model": ref is not None,
+        "profile_groups": prof.groups,
     }
 
 
@@ -372,6 +410,9 @@ def run_refpass(job: dict) -> dict:
     w, s, assets = Workload.from_dict(job["workload"]), Settings.from_dict(job["settings"]), Path(job["assets"])
     repeats = int(s.extra.get("refpass_repeats", 3))
     n_batches = int(s.extra.get("refpass_batches", 4))
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # a previous job's precision must not carry over
     accelerator = Accelerator(cpu=s.device == "cpu", mixed_precision="bf16" if s.dtype == "bf16" else "no")
     tokenizer = _load_tokenizer(assets)
     dataset, _ = prepare_preference_dataset(
@@ -429,18 +470,34 @@ def run_refpass(job: dict) -> dict:
 # ----------------------------------------------------------------------------- entry point
 
 
+def _release_memory(device: str) -> None:
+    """Free what earlier jobs of this process left (cycles, the CUDA cache), so peaks are per job."""
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
 def run_job(job: dict) -> dict:
     s = Settings.from_dict(job["settings"])
     configure_threads(s.threads)
-    system = job["system"]
+    _release_memory(s.device)
+    allocated_before = _cuda_allocated_mib(s.device)
+    system = base_system(job["system"])
     if system in TRAINER_SYSTEMS:
         result = run_trainer(job)
     elif system in LOOP_SYSTEMS:
         result = run_loop(job)
     elif system == "refpass":
         result = run_refpass(job)
+    elif system == "gemm":
+        from roofline import run_gemm_job
+
+        result = run_gemm_job(job)
     else:
         raise ValueError(f"unknown system {system!r}; choose one of {ALL_SYSTEMS}")
+    result["cuda_allocated_at_start_mib"] = allocated_before
     result["peak_rss_mib"] = peak_rss_mib()
     result["peak_cuda_mib"] = _cuda_peak_mib(s.device)
     result["pid"] = os.getpid()

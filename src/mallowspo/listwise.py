@@ -40,7 +40,7 @@ torch.where before any arithmetic). Every row needs at least two distinct ranks 
 present responses.
 
 Shapes: log-probs, ranks, mask and lengths are (B, K); neg_log_phi is (B,); losses are (B,).
-float16 inputs are computed in float32 (as in preference_loss); other dtypes are kept.
+float16 and bfloat16 inputs are computed in float32 (as in preference_loss); other dtypes are kept.
 """
 
 from __future__ import annotations
@@ -90,6 +90,14 @@ def _check_objective(objective: str, loss_type: str, mallows: str, label_smoothi
             f"label_smoothing (got loss_type={loss_type!r}, mallows={mallows!r}, label_smoothing={label_smoothing}); "
             "use objective='all_pairs' for the others"
         )
+
+
+def check_listwise_options(
+    objective: str, loss_type: str, mallows: str, label_smoothing: float = 0.0, top_k: int | None = None
+) -> None:
+    """The check ``listwise_loss`` runs on its options before any tensor: a one-line ValueError for an
+    unknown objective or a combination it does not support (for a run's settings, before training)."""
+    _check_objective(objective, loss_type, mallows, label_smoothing, top_k)
 
 
 def _check_tensor(name: str, x: torch.Tensor | None, shape: tuple[int, ...], required: str | None = None) -> None:
@@ -313,7 +321,7 @@ def listwise_loss(
     def clean(x, fill):
         if x is None:
             return None
-        x = x.float() if x.dtype == torch.float16 else x
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
         return torch.where(present, x, torch.full_like(x, fill))
 
     policy = clean(policy_logps, 0)

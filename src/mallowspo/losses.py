@@ -47,6 +47,7 @@ from mallowspo.links import log_smoothed_phi_link
 LOSS_TYPES = ("sigmoid", "robust", "ipo", "hinge", "simpo")
 MALLOWS_VARIANTS = ("none", "theta", "phi")
 IPO_FORMS = ("scaled_margin", "scaled_beta")
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # computed in float32 (see preference_loss)
 _LIKELIHOOD_LOSSES = ("sigmoid", "robust", "simpo")
 _REFERENCE_FREE_LOSSES = ("simpo",)
 
@@ -207,10 +208,11 @@ def preference_loss(
         raise ValueError(f"mallows={mallows!r} needs the per-example dispersion neg_log_phi")
     if length_normalize is None:
         length_normalize = default_length_normalize(loss_type)
-    # float16 tops out at 65504, which beta * Delta * L(x) can pass: such inputs are computed
-    # (and the losses returned) in float32. bfloat16 has float32's range and is kept.
+    # Half precision is computed (and the losses returned) in float32: float16 tops out at 65504, which
+    # beta * Delta * L(x) can pass, and bfloat16's 8-bit mantissa spaces summed log-probs of ~100 nats 0.5
+    # apart, which would swamp the margin Delta.
     policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps = (
-        x.float() if x is not None and x.dtype == torch.float16 else x
+        x.float() if x is not None and x.dtype in HALF_DTYPES else x
         for x in (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
     )
 

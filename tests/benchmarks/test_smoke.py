@@ -1,7 +1,8 @@
 """The benchmark harness (benchmarks/run.py) runs end to end at tiny sizes.
 
-It only checks that the report is complete: every system measured, every ratio and
-target present. No timing is asserted (smoke numbers are meaningless).
+It only checks that the report is complete: every system measured (the both-dtypes systems in
+bf16 too), every ratio and target present, the roofline and the profile breakdown there. No
+timing is asserted (smoke numbers are meaningless).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def test_smoke_run_writes_every_system_and_ratio(tmp_path):
             str(out),
             "--workdir",
             str(tmp_path / "work"),
+            "--profile",
+            "mpo_phi_pre@bf16",
         ],
         capture_output=True,
         text=True,
@@ -39,11 +42,16 @@ def test_smoke_run_writes_every_system_and_ratio(tmp_path):
     report = out.read_text()
     raw = json.loads(out.with_suffix(".json").read_text())
 
-    # Every system of the main table was measured, without error, on the same batch shape.
-    assert set(raw["main"]) == set(bench.MAIN_SYSTEMS)
+    # Every system of the main table was measured, without error, on the same batch shape; the
+    # both-dtypes systems in bf16 too (the smoke run's own dtype is fp32); and the GEMM rates.
+    bf16_keys = {f"{s}@bf16" for s in bench.BOTH_DTYPES_SYSTEMS}
+    assert raw["meta"]["settings"]["dtype"] == "fp32"
+    assert set(raw["main"]) == set(bench.MAIN_SYSTEMS) | bf16_keys | {"gemm"}
     shapes = set()
     for system, info in raw["main"].items():
         assert not info["errors"], (system, info["errors"])
+        if system == "gemm":
+            continue
         if system == "refpass":
             assert info["with_entropy_pairs_per_s"] > 0 and info["without_entropy_pairs_per_s"] > 0
             assert info["logps_match"]
@@ -51,8 +59,38 @@ def test_smoke_run_writes_every_system_and_ratio(tmp_path):
             assert info["n_steps"] == raw["meta"]["settings"]["steps"]
             assert info["median_step_s"] > 0 and info["peak_mib"] > 0
             shapes.add((tuple(info["batch"]["shape"]), info["batch"]["completion_tokens"]))
-        assert bench.LABELS.get(system, "Reference pass") in report or system == "refpass"
+        assert f"| {bench.system_label(system)} |" in report or system == "refpass"
     assert len(shapes) == 1 and not raw["meta"]["shape_problems"]
+
+    # bf16 against fp32: mallowspo bf16 / TRL bf16 and mallowspo bf16 / mallowspo fp32, time and memory.
+    assert "## bf16 against fp32 (main workload)" in report
+    comparisons = {c["what"]: c for c in raw["dtype_comparisons"]}
+    for what in (
+        "mallowspo phi bf16 / TRL DPO bf16 (precomputed ref)",
+        "mallowspo phi bf16 / mallowspo phi fp32 (precomputed ref)",
+    ):
+        assert comparisons[what]["step_ratio"] > 0 and comparisons[what]["memory_ratio"] > 0, what
+        assert f"| {what} |" in report
+
+    # The roofline: GEMM rates at the step's shapes in both dtypes, a row per system and dtype.
+    gemm = raw["roofline"]["gemm"]
+    w = bench.PRESETS["smoke"]["workload"]
+    head = next(g for g in gemm["gemms"] if g["name"] == "LM head fwd")
+    scored = 2 * w.batch_pairs * w.response_len
+    assert (head["m"], head["k"], head["n"]) == (scored, w.hidden_size, w.vocab_size)
+    assert set(gemm["rates"]) == {"fp32", "bf16"} and all(r > 0 for rates in gemm["rates"].values() for r in rates)
+    rows = {(r["system"], r["dtype"]): r for r in raw["roofline"]["rows"]}
+    assert set(rows) == {(s, d) for s in ("trl_dpo_pre", "mpo_phi_pre", "floor") for d in ("fp32", "bf16")}
+    assert all(r["fraction"] > 0 and r["achieved_gflops"] > 0 for r in rows.values())
+    assert "## Roofline: measured step time against the GEMM-bound time" in report
+    assert "| LM head fwd |" in report and "| attention scores (QK^T, AV) |" in report
+
+    # The profile breakdown of the bf16 mallowspo step: groups in the report and in the op-table file.
+    assert [p["system"] for p in raw["profiles"]] == ["mpo_phi_pre@bf16"]
+    groups = raw["profiles"][0]["groups"]["cpu"]["groups"]
+    assert {"matmul", "dtype conversions", "attention", "other ops"} <= set(groups)
+    assert "## Profile breakdown" in report and "| dtype conversions |" in report
+    assert "| matmul |" in (tmp_path / "RESULTS.profile-mpo_phi_pre-bf16.txt").read_text()
 
     # Every target has a value and a verdict, and appears in the report.
     assert len(raw["targets"]) == 20

@@ -203,7 +203,7 @@ def test_extreme_margins_give_finite_losses_and_gradients(loss_type, mallows, sm
         chosen_lengths=torch.ones(7),
         rejected_lengths=torch.ones(7),
     ).losses
-    assert out.dtype == dtype
+    assert out.dtype == torch.float32  # half precision is computed in float32
     assert bool(torch.isfinite(out).all()), out
     out.sum().backward()
     assert bool(torch.isfinite(pc.grad).all()), pc.grad
@@ -249,3 +249,18 @@ def test_reference_based_loss_without_reference_is_an_error():
         preference_loss(x, x, loss_type="sigmoid")
     with pytest.raises(ValueError, match="length normalisation needs"):
         preference_loss(x, x, loss_type="simpo")
+
+
+def test_half_precision_log_probs_are_computed_in_float32():
+    # Summed log-probs of ~100 nats are 0.5 apart in bfloat16: the margin would be lost if kept there.
+    pc = torch.tensor([-100.3, -120.7], dtype=torch.float64)
+    pr, rc, rr = pc - 0.9, pc - 0.1, pc - 0.95
+    exact = preference_loss(pc, pr, rc, rr, beta=0.5)
+    for dtype in (torch.bfloat16, torch.float16):
+        out = preference_loss(*(x.to(dtype) for x in (pc, pr, rc, rr)), beta=0.5)
+        assert out.losses.dtype == torch.float32
+        # the inputs' own rounding remains (0.25-0.5 nats per bfloat16 value), but nothing is added to it
+        inputs = [x.to(dtype).double() for x in (pc, pr, rc, rr)]
+        from_rounded = preference_loss(*inputs, beta=0.5)
+        torch.testing.assert_close(out.losses.double(), from_rounded.losses, rtol=1e-6, atol=1e-7)
+    assert exact.losses.dtype == torch.float64
