@@ -24,6 +24,7 @@ from mallowspo.training.data import (
     prepare_preference_dataset,
 )
 from mallowspo.training.data import load as data_load
+from mallowspo.training.data.list_validate import LIST_PROBLEM_KINDS
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "data"
 ID_COLUMNS = ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")
@@ -163,7 +164,7 @@ FATAL_CASES = {"mixed_formats", "missing_tools"}
 
 
 def test_every_problem_kind_has_a_fixture():
-    covered = {case[2] for case in PROBLEM_CASES} | {"missing_columns"}
+    covered = {case[2] for case in PROBLEM_CASES} | {"missing_columns"} | set(LIST_PROBLEM_KINDS)  # test_lists.py
     assert covered == set(PROBLEM_KINDS)
     for name, *_ in PROBLEM_CASES:
         assert (FIXTURES / f"{name}.jsonl").is_file()

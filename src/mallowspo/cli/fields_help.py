@@ -26,6 +26,9 @@ MALLOWSPO_GROUPS = {
         "simpo_gamma",
         "length_normalize",
         "ipo_form",
+        "objective",
+        "listwise_top_k",
+        "binarize",
     ),
     "MallowsPO: dispersion -log phi(x)": (
         "dispersion_source",
@@ -44,6 +47,12 @@ MALLOWSPO_GROUPS = {
     "Reference pass": ("precompute_ref_log_probs", "precompute_ref_batch_size", "disable_dropout"),
 }
 DATA_FIELDS = (
+    "list_format",
+    "responses_column",
+    "ranking_column",
+    "scores_column",
+    "ultrafeedback_score",
+    "max_responses",
     "max_length",
     "max_prompt_length",
     "max_completion_length",

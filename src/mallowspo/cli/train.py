@@ -34,7 +34,7 @@ from mallowspo.cli.fields_help import fields_help
 from mallowspo.cli.run_config import argument_parser, parse_run_config, setup_logging
 from mallowspo.training.checkpoints import is_complete_checkpoint, resolve_checkpoint
 from mallowspo.training.config import accelerator_available
-from mallowspo.training.data import prepare_preference_dataset
+from mallowspo.training.data.binarize import prepare_training_data
 from mallowspo.training.loading import check_model_source, check_tokenizer_fits, load_causal_lm, load_tokenizer
 from mallowspo.training.outputs import check_output_dir
 from mallowspo.training.trainer import MallowsPOTrainer
@@ -135,11 +135,12 @@ def build_trainer(model_args, script_args, training_args):
     check_model_source(model_args.model_name_or_path)
     train_dataset, eval_dataset = script_args.load_splits(training_args.seed)
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
-    # Validate and tokenize the rows before the model loads (the trainer takes tokenized data as is).
-    data_config, reports = training_args.to_data_config(), {}
-    train_dataset, reports["train"] = prepare_preference_dataset(train_dataset, tokenizer, data_config, name="train")
+    # Validate and tokenize the rows (pairs or lists) before the model loads (the trainer takes tokenized data as is).
+    settings, reports = (training_args.to_data_config(), training_args.to_list_config()), {}
+    train_dataset, reports["train"] = prepare_training_data(train_dataset, tokenizer, *settings, "train")
     if eval_dataset is not None:
-        eval_dataset, reports["eval"] = prepare_preference_dataset(eval_dataset, tokenizer, data_config, name="eval")
+        eval_dataset, reports["eval"] = prepare_training_data(eval_dataset, tokenizer, *settings, "eval")
+    reports = {name: report for name, report in reports.items() if report is not None}  # None: tokenized data
     model = load_causal_lm(
         model_args.model_name_or_path,
         model_args.dtype,
@@ -194,8 +195,10 @@ SUMMARY_METRICS = (
     "loss",
     "rewards/accuracies",
     "rewards/margins",
+    "rewards/kendall_tau",
     "eval_loss",
     "eval_rewards/accuracies",
+    "eval_rewards/kendall_tau",
     "mallows/neg_log_phi_mean",
     "mallows/neg_log_phi_min",
     "mallows/neg_log_phi_max",

@@ -27,6 +27,7 @@ from mallowspo.dispersion import DEFAULT_CLAMP, DISPERSION_SOURCES, NORMALIZED_S
 from mallowspo.losses import IPO_FORMS, MALLOWS_VARIANTS, is_reference_free
 from mallowspo.objective import OBJECTIVE_TERMS, check_objective, preference_terms
 from mallowspo.training.data import PreferenceDataConfig
+from mallowspo.training.list_config import ListwiseKeys, check_listwise_settings
 from mallowspo.training.packing import check_padding_free_settings
 from mallowspo.training.trl_keys import TRLDPOKeys, check_trl_keys, check_trl_loss_type
 
@@ -46,7 +47,7 @@ def number_or_keyword(value: float | str, keyword: str, name: str) -> float | st
 
 
 @dataclass
-class MallowsPOConfig(TRLDPOKeys, TrainingArguments):
+class MallowsPOConfig(ListwiseKeys, TRLDPOKeys, TrainingArguments):
     r"""Arguments of ``MallowsPOTrainer``: ``TrainingArguments`` plus the MallowsPO fields, and
     the rest of TRL's ``DPOConfig`` keys (``training.trl_keys``).
 
@@ -54,7 +55,8 @@ class MallowsPOConfig(TRLDPOKeys, TrainingArguments):
     (``sigmoid`` = DPO, ``robust``, ``ipo``, ``hinge``, ``simpo``), or TRL's list of terms with
     ``loss_weights`` (``"sft"``: NLL on the chosen responses); ``mallows`` adds the per-prompt dispersion
     -log phi(x): ``none`` (the base method), ``theta`` (beta -> beta * -log phi(x), eq. 8,
-    Prop. 4) or ``phi`` (the Kendall link g_phi, eq. 9, with ``phi_smoothing``).
+    Prop. 4) or ``phi`` (the Kendall link g_phi, eq. 9, with ``phi_smoothing``). ``objective``
+    (``training.list_config``) is pairwise, or plackett_luce / all_pairs over ranked lists of K responses.
 
     Dispersion -log phi(x) per example (``dispersion_source``):
       ``entropy``  -phi* log Hbar(x) from the reference model's entropy (eqs. 10-11), with
@@ -309,6 +311,7 @@ class MallowsPOConfig(TRLDPOKeys, TrainingArguments):
             smoothing_eps=self.smoothing_eps,
             ipo_form=self.ipo_form,
         )
+        check_listwise_settings(self)  # objective (pairwise or over ranked lists), binarize, the list layout
         self.dispersion_settings()
         if (self.dispersion_source == "column") != (self.dispersion_column is not None):
             raise ValueError(

@@ -68,7 +68,16 @@ def write_resolved_config(path: str | Path, sections: dict[str, dict[str, Any]])
     return path
 
 
-DISPERSION_RECORD_FIELDS = ("row_index", "prompt", "hbar", "neg_log_phi", "ref_chosen_entropy", "ref_rejected_entropy")
+# ref_entropy: lists' (one mean entropy per response)
+DISPERSION_RECORD_FIELDS = (
+    "row_index",
+    "prompt",
+    "hbar",
+    "neg_log_phi",
+    "ref_chosen_entropy",
+    "ref_rejected_entropy",
+    "ref_entropy",
+)
 
 
 def dispersion_records(dataset: datasets.Dataset) -> list[dict[str, Any]]:

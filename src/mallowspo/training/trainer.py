@@ -3,7 +3,8 @@
 This module only wires the parts together; the life of a run:
 
 1. Data (``training.data``): raw preference rows are validated and tokenized (already
-   tokenized datasets, with ``prompt_input_ids``, are checked and used as they are).
+   tokenized datasets, with ``prompt_input_ids``, are checked and used as they are); pairs or
+   ranked lists, turned into what ``objective`` trains on (``training.data.binarize``).
 2. Models (``training.models``): the policy (and a separate reference, if any) get the
    completion head (``training.head``); what serves as the reference is described there.
 3. The reference pass (``training.reference``): reference log-probs and entropies per pair,
@@ -48,7 +49,11 @@ from mallowspo.training.checkpoints import (
 )
 from mallowspo.training.collate import split_pairs
 from mallowspo.training.config import MallowsPOConfig
-from mallowspo.training.data import ValidationReport, check_tokenized_dataset, prepare_preference_dataset
+from mallowspo.training.data import ValidationReport
+from mallowspo.training.data.binarize import prepare_training_data
+from mallowspo.training.list_collate import is_list_batch, list_collator
+from mallowspo.training.list_loss import listwise_step
+from mallowspo.training.list_reference import attach_reference_pass, data_fingerprint
 from mallowspo.training.loading import check_tokenizer_fits, ensure_pad_token, load_causal_lm
 from mallowspo.training.metrics import TOKENS_SEEN, MetricAccumulator, non_finite_message, pair_metrics, token_metrics
 from mallowspo.training.models import REFERENCE_KINDS, is_peft_model, prepare_models
@@ -64,10 +69,7 @@ from mallowspo.training.outputs import (
 from mallowspo.training.packing import preference_collator
 from mallowspo.training.reference import (
     ReferenceResult,
-    load_or_compute_reference_columns,
-    token_fingerprint,
     weights_fingerprint,
-    with_columns,
     with_dispersion,
 )
 from mallowspo.training.scoring import router_aux_loss_coef, score_completions
@@ -82,13 +84,15 @@ class MallowsPOTrainer(Trainer):
         model: a ``PreTrainedModel``, a PEFT model, or a local path / hub id to load.
         ref_model: an explicit frozen reference; None for the defaults (``training.models``).
         args: a ``MallowsPOConfig``.
-        train_dataset, eval_dataset: preference data in TRL's formats (validated and
-            tokenized with ``args.to_data_config()``), or already tokenized by
-            ``mallowspo.training.data.prepare_preference_dataset``.
+        train_dataset, eval_dataset: preference data in TRL's formats, or ranked lists
+            (``training.data.list_formats``), validated and tokenized with ``args.to_data_config()``
+            and ``args.to_list_config()``; or already tokenized by
+            ``mallowspo.training.data.prepare_preference_dataset`` (or ``prepare_list_dataset``).
         processing_class: the tokenizer; loaded from ``model``'s path when None.
         peft_config: a ``peft`` config (e.g. ``LoraConfig``) to train an adapter.
         data_collator: batches the tokenized rows; default: ``training.collate.PreferenceCollator``
-            (one it replaces must return the same keys).
+            (``training.list_collate.ListCollator`` for a listwise objective; one it replaces must
+            return the same keys).
         compute_metrics, callbacks, optimizers: as for ``transformers.Trainer`` (and TRL's ``DPOTrainer``).
         run_metadata: sections of settings outside ``args`` (e.g. the command line's
             ``model`` and ``data``), written into the resolved config and the model card.
@@ -132,6 +136,7 @@ class MallowsPOTrainer(Trainer):
         self.run_metadata = dict(run_metadata or {})
         self.validation_reports = dict(validation_reports or {})
         self._data_config = args.to_data_config()
+        self._list_config = args.to_list_config()  # pairs or lists: what the objective trains on
         train_dataset = self._tokenize(train_dataset, "train", processing_class)
         if isinstance(eval_dataset, dict):
             eval_dataset = {k: self._tokenize(v, f"eval_{k}", processing_class) for k, v in eval_dataset.items()}
@@ -139,7 +144,7 @@ class MallowsPOTrainer(Trainer):
             eval_dataset = self._tokenize(eval_dataset, "eval", processing_class)
 
         self.run_identity = (
-            run_identity(args.to_dict(), get_config_model_id(model.config), token_fingerprint(train_dataset))
+            run_identity(args.to_dict(), get_config_model_id(model.config), data_fingerprint(train_dataset))
             if train_dataset is not None
             else None
         )
@@ -154,7 +159,7 @@ class MallowsPOTrainer(Trainer):
             model=model,
             args=args,
             data_collator=data_collator
-            or preference_collator(
+            or (preference_collator if args.objective == "pairwise" else list_collator)(
                 processing_class.pad_token_id,
                 args.padding_free,
                 model,
@@ -193,14 +198,13 @@ class MallowsPOTrainer(Trainer):
     # ---- construction steps --------------------------------------------------------
 
     def _tokenize(self, dataset: datasets.Dataset | None, name: str, tokenizer: Any) -> datasets.Dataset | None:
-        """Validate and tokenize raw preference rows; tokenized data is checked and passes through."""
+        """Validate and tokenize raw rows (pairs or lists); tokenized data is checked and passes through. Then
+        pairs or lists as the objective trains on them (``training.data.binarize``)."""
         if dataset is None:
             return None
-        if "prompt_input_ids" in dataset.column_names:
-            check_tokenized_dataset(dataset, name)
-            return dataset
-        dataset, report = prepare_preference_dataset(dataset, tokenizer, self._data_config, name=name)
-        self.validation_reports[name] = report
+        dataset, report = prepare_training_data(dataset, tokenizer, self._data_config, self._list_config, name)
+        if report is not None:
+            self.validation_reports[name] = report
         return dataset
 
     def _place_reference(self, ref_model: PreTrainedModel | None) -> torch.nn.Module | None:
@@ -252,7 +256,7 @@ class MallowsPOTrainer(Trainer):
             batch_size = self.args.precompute_ref_batch_size or (
                 self.args.per_device_train_batch_size if name == "train" else self.args.per_device_eval_batch_size
             )
-            result = load_or_compute_reference_columns(
+            dataset, result = attach_reference_pass(  # pairs or lists (training.list_reference)
                 model,
                 dataset,
                 self.data_collator,
@@ -265,7 +269,6 @@ class MallowsPOTrainer(Trainer):
                 name=name,
             )
             self.reference_results[name] = result
-            dataset = with_columns(dataset, result.columns)
         if self.args.mallows == "none":  # the loss has no dispersion: none is attached, logged or written
             return dataset
         dataset, estimate = with_dispersion(
@@ -286,6 +289,10 @@ class MallowsPOTrainer(Trainer):
             return None, None
         if self.args.precompute_ref_log_probs:
             return inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        return split_pairs(self._reference_scores(inputs))
+
+    def _reference_scores(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-sequence reference log-probs of the batch, computed now (the online reference)."""
         model = self.ref_model if self.ref_model is not None else self.model
         checkpointing = (  # a no-grad forward through checkpointed layers only warns: switch it off meanwhile
             disable_gradient_checkpointing(
@@ -296,7 +303,7 @@ class MallowsPOTrainer(Trainer):
         )
         with torch.no_grad(), self._reference_context(), checkpointing:
             scores = score_completions(model, inputs)
-        return split_pairs(scores.logps.float())
+        return scores.logps.float()
 
     def compute_loss(
         self,
@@ -307,7 +314,14 @@ class MallowsPOTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, ObjectiveOutput]:
         """Mean loss of a ``PreferenceCollator`` batch (B pairs, one forward of 2B rows): the weighted
         terms of ``loss_type`` (``mallowspo.objective.combined_loss``), plus ``router_aux_loss_coef`` times
-        an MoE model's router load-balancing loss (TRL's)."""
+        an MoE model's router load-balancing loss (TRL's). A ``ListCollator`` batch (B lists) goes to
+        ``training.list_loss.listwise_step``."""
+        if is_list_batch(inputs):
+            loss, output, per_example = listwise_step(
+                model, inputs, self.args, self._reference_scores, self._router_aux_loss_coef
+            )
+            self._record_metrics(model, output, per_example)
+            return (loss, output) if return_outputs else loss
         with_aux_loss = self._router_aux_loss_coef != 0
         policy = score_completions(
             model, inputs, with_entropy=True, with_token_metrics=True, with_aux_loss=with_aux_loss

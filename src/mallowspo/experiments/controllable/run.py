@@ -139,15 +139,22 @@ class WorldRunner:
             "template": [r["template"] for r in rows],
         }
 
+    def run_name(self, spec: RunSpec) -> str:
+        return self.config.run_name(spec.seed, spec.beta, spec.method)
+
+    def dispersion_args(self, spec: RunSpec) -> dict[str, Any]:
+        """The ``MallowsPOConfig`` dispersion keys of one run (a subclass may choose another source)."""
+        # A family run keeps the phi* fitted on the mix (see the package docstring).
+        c = self.config
+        return {"dispersion_normalization": "mean" if c.family == "mix" or self.phi_star is None else self.phi_star}
+
     def train_one(self, spec: RunSpec) -> dict[str, Any]:
         """Train one method from the base model and evaluate it at ``config.eval_steps()``."""
         c = self.config
-        name = c.run_name(spec.seed, spec.beta, spec.method)
-        # A family run keeps the phi* fitted on the mix (see the package docstring).
-        normalization = "mean" if c.family == "mix" or self.phi_star is None else self.phi_star
+        name = self.run_name(spec)
         args = self.trainer_args(
             self.out_dir / "runs" / name, METHODS[spec.method]["mallows"], spec.beta, spec.seed, c.max_steps,
-            dispersion_normalization=normalization,
+            **self.dispersion_args(spec),
         )  # fmt: skip
         model = AutoModelForCausalLM.from_pretrained(self.world.model_dir, dtype=torch.float32)
 
@@ -183,11 +190,11 @@ class WorldRunner:
 _WORKER: WorldRunner | None = None
 
 
-def _worker_init(config: ControllableConfig, world_root: str, out_dir: str, phi_star: float) -> None:
+def _worker_init(config, world_root: str, out_dir: str, phi_star: float, runner_class=WorldRunner) -> None:
     global _WORKER
     torch.set_num_threads(config.num_threads)
     hf_logging.disable_progress_bar()
-    _WORKER = WorldRunner(config, world_root, out_dir, log=say)
+    _WORKER = runner_class(config, world_root, out_dir, log=say)
     _WORKER.phi_star = phi_star
 
 

@@ -30,7 +30,10 @@ from mallowspo.training.data.tools import (
 RESERVED_TEMPLATE_KWARGS = ("tools", "add_generation_prompt", "continue_final_message", "tokenize", "return_dict")
 # Problem kind -> how to fix it (shown in errors). Order = order of the checks.
 PROBLEM_KINDS: dict[str, str] = {
-    "missing_columns": "name the columns 'chosen' and 'rejected' (and optionally 'prompt')",
+    "missing_columns": (
+        "name the columns 'chosen' and 'rejected' (and optionally 'prompt'); lists: 'prompt', 'responses' and "
+        "'ranking' or 'scores' (or set list_format, responses_column, ranking_column, scores_column)"
+    ),
     "non_string_field": (
         "prompt/chosen/rejected must each be a string (standard format) or a list of "
         "{'role', 'content'} messages (conversational format)"
@@ -42,6 +45,16 @@ PROBLEM_KINDS: dict[str, str] = {
     ),
     "empty_field": "give every pair a non-empty prompt and non-empty completions",
     "chosen_equals_rejected": "drop pairs whose two completions are the same; they carry no preference",
+    # The kinds of lists (training.data.lists: LIST_PROBLEM_KINDS).
+    "bad_responses": "give each list's responses as a list of at least 2 completions (strings or message lists)",
+    "responses_identical": (
+        "a response cannot be ranked both above and below itself: drop or fix the copies (tied copies are merged)"
+    ),
+    "bad_ranking": (
+        "give the ranking as a permutation of the response indices 0..K-1, best first (for ties, give scores)"
+    ),
+    "bad_scores": "give one finite number per response, higher is better (equal numbers are ties)",
+    "no_preference": "a list needs responses of at least two different ranks (scores not all equal); drop it",
     "bad_tools": "give 'tools' as a list of JSON-schema objects (one per tool), or as the JSON text of such a list",
     "bad_chat_template_kwargs": (
         "give 'chat_template_kwargs' as an object of extra template variables (or its JSON text), without the "
@@ -73,6 +86,7 @@ NOTE_KINDS: dict[str, str] = {
         "the tokens of the prompt alone and of prompt + completion diverge (as in TRL), so the prompt's last tokens "
         "are left out of the training sequence"
     ),
+    "duplicates_merged": "a list held copies of one response at the same rank (tied scores): each is kept once",
 }
 MESSAGE_ROLES = ("system", "developer", "user", "assistant", "tool")
 
