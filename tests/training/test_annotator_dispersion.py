@@ -13,7 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mallowspo.annotators import fit_vote_prior, neg_log_phi_from_votes
 from mallowspo.testing.tiny import tiny_run_settings
-from mallowspo.training.config import MallowsPOConfig, ignored_settings
+from mallowspo.training.config import MallowsPOConfig
+from mallowspo.training.config_checks import ignored_settings
 from mallowspo.training.data import DataValidationError, PreferenceDataConfig, prepare_preference_dataset
 from mallowspo.training.data.annotations import helpsteer2_prompt, map_annotation_format
 from mallowspo.training.trainer import MallowsPOTrainer
