@@ -46,17 +46,14 @@ from mallowspo.cli.errors import user_errors  # noqa: E402
 from mallowspo.cli.run_config import parse_run_config, setup_logging  # noqa: E402
 from mallowspo.dispersion import DispersionSource, dispersion_estimate, uninformative_entropy  # noqa: E402
 from mallowspo.training.collate import PreferenceCollator  # noqa: E402
-from mallowspo.training.data import load_preference_dataset, prepare_preference_dataset  # noqa: E402
+from mallowspo.training.data import load_preference_dataset, prepare_training_data  # noqa: E402
+from mallowspo.training.data.binarize import is_list_dataset  # noqa: E402
 from mallowspo.training.head import add_completion_head  # noqa: E402
+from mallowspo.training.list_collate import ListCollator  # noqa: E402
+from mallowspo.training.list_reference import attach_reference_pass  # noqa: E402
 from mallowspo.training.loading import check_model_source, check_tokenizer_fits, load_causal_lm, load_tokenizer  # noqa: E402
 from mallowspo.training.outputs import check_output_dir, summary_statistics, write_dispersion_jsonl  # noqa: E402
-from mallowspo.training.reference import (  # noqa: E402
-    annotation_values,
-    load_or_compute_reference_columns,
-    weights_fingerprint,
-    with_columns,
-    with_dispersion,
-)
+from mallowspo.training.reference import annotation_values, weights_fingerprint, with_dispersion  # noqa: E402
 
 ACCEPTS_OVERRIDES = True
 # The earlier flag names of this command -> the keys of `mallowspo train`.
@@ -92,7 +89,9 @@ def mixed_precision(training_args) -> str:
 
 def compute_dispersion(model_args, script_args, training_args) -> tuple[Any, dict[str, Any]]:
     """Tokenize the train split, run (or reuse) the reference pass, estimate -log phi(x) as the
-    trainer does (``mallowspo.training.reference.with_dispersion``).
+    trainer does (``mallowspo.training.reference.with_dispersion``). Lists stay lists under a
+    listwise ``objective`` (Hbar over their K responses) and are binarized under ``pairwise``, as
+    the training run with the same settings sees them.
 
     Returns the tokenized dataset with the reference columns and ``neg_log_phi``, and the
     run's facts (phi*, settings, whether the cache was reused).
@@ -105,7 +104,7 @@ def compute_dispersion(model_args, script_args, training_args) -> tuple[Any, dic
     tokenizer = load_tokenizer(model_args.model_name_or_path, model_args.trust_remote_code)
     settings = training_args.dispersion_settings()  # the annotation columns are carried even with mallows none
     data_config = dataclasses.replace(training_args.to_data_config(), annotation_columns=settings.annotation_columns)
-    dataset, report = prepare_preference_dataset(raw, tokenizer, data_config, name=split)
+    dataset, report = prepare_training_data(raw, tokenizer, data_config, training_args.to_list_config(), split)
 
     model = load_causal_lm(
         model_args.model_name_or_path, model_args.dtype, model_args.trust_remote_code, model_args.attn_implementation
@@ -115,10 +114,11 @@ def compute_dispersion(model_args, script_args, training_args) -> tuple[Any, dic
     add_completion_head(model)
     accelerator = Accelerator(mixed_precision=mixed_precision(training_args), cpu=training_args.use_cpu)
     model.to(accelerator.device)
-    result = load_or_compute_reference_columns(
+    collator = (ListCollator if is_list_dataset(dataset) else PreferenceCollator)(tokenizer.pad_token_id)
+    dataset, result = attach_reference_pass(
         model,
         dataset,
-        PreferenceCollator(tokenizer.pad_token_id),
+        collator,
         accelerator,
         batch_size=training_args.precompute_ref_batch_size or training_args.per_device_train_batch_size,
         weights=weights,
@@ -126,13 +126,14 @@ def compute_dispersion(model_args, script_args, training_args) -> tuple[Any, dic
         data_settings=data_config,
         name=split,
     )
-    dataset, estimate = with_dispersion(with_columns(dataset, result.columns), settings, name=split)
+    dataset, estimate = with_dispersion(dataset, settings, name=split)
     facts = {
         "model": model_args.model_name_or_path,
         "dataset": script_args.dataset_name,
         "split": split,
         "rows": len(dataset),
-        "validation": report.summary(),
+        "rows_are": "lists" if is_list_dataset(dataset) else "pairs",
+        "validation": report.summary() if report is not None else None,
         "source": settings.source,
         "phi_star": estimate.phi_star,
         "normalization": settings.normalization,
@@ -247,7 +248,7 @@ def comparison_lines(facts: dict[str, Any], render) -> list[str]:
 
 
 def per_prompt_table(dataset) -> list[dict[str, Any]]:
-    """Pairs grouped by prompt text: mean -log phi(x), mean Hbar, pair count; most dispersed first."""
+    """Rows (pairs or lists) grouped by prompt text: mean -log phi(x), mean Hbar, row count; most dispersed first."""
     groups: dict[str, list[tuple[float, float]]] = {}
     for prompt, value, hbar in zip(dataset["prompt"], dataset["neg_log_phi"], dataset["hbar"]):
         groups.setdefault(prompt, []).append((value, hbar))
@@ -256,7 +257,7 @@ def per_prompt_table(dataset) -> list[dict[str, Any]]:
             "prompt": p,
             "neg_log_phi": float(np.mean([v for v, _ in g])),
             "hbar": float(np.mean([h for _, h in g])),
-            "pairs": len(g),
+            "rows": len(g),
         }
         for p, g in groups.items()
     ]
@@ -307,15 +308,15 @@ def short_estimator_text(facts: dict[str, Any]) -> str:
 def render_report(facts: dict[str, Any], summary: dict[str, Any], table: list[dict[str, Any]], top: int) -> str:
     """The markdown report: settings, summary statistics, most and least dispersed prompts."""
     rows = lambda items: [  # noqa: E731
-        f"| {r['neg_log_phi']:.3f} | {r['hbar']:.3f} | {r['pairs']} | {_clip(r['prompt'])} |" for r in items
+        f"| {r['neg_log_phi']:.3f} | {r['hbar']:.3f} | {r['rows']} | {_clip(r['prompt'])} |" for r in items
     ]
-    header = ["| -log phi | Hbar | pairs | prompt |", "|---|---|---|---|"]
+    header = [f"| -log phi | Hbar | {facts['rows_are']} | prompt |", "|---|---|---|---|"]
     stats = summary["neg_log_phi"]
     return "\n".join(
         [
             "# Dispersion report",
             "",
-            f"Model `{facts['model']}`, data `{facts['dataset']}` (split {facts['split']}), {facts['rows']} pairs.",
+            f"Model `{facts['model']}`, data `{facts['dataset']}` (split {facts['split']}), {facts['rows']} {facts['rows_are']}.",
             f"Estimator: {estimator_text(facts)}.",
             f"Reference pass: {'reused the cache' if facts['cache_reused'] else 'computed'} at `{facts['cache_dir']}`.",
             "",
@@ -336,7 +337,7 @@ def render_report(facts: dict[str, Any], summary: dict[str, Any], table: list[di
             *rows(reversed(table[-top:])),
             "",
             *(annotator_section(facts) if "annotators" in facts else []),
-            f"Data validation: {_clip(facts['validation'].splitlines()[0], 200)}",
+            f"Data validation: {_clip(facts['validation'].splitlines()[0], 200) if facts['validation'] else 'tokenized data, checked'}",
             "",
         ]
     )
@@ -388,7 +389,7 @@ def run(args: argparse.Namespace) -> int:
     paths = write_outputs(Path(args.out), dataset, facts, args.top)
     stats = json.loads(paths["summary"].read_text())["summary"]["neg_log_phi"]
     print(
-        f"{facts['rows']} pairs: -log phi mean {stats['mean']:.3f}, range [{stats['min']:.3f}, {stats['max']:.3f}], "
+        f"{facts['rows']} {facts['rows_are']}: -log phi mean {stats['mean']:.3f}, range [{stats['min']:.3f}, {stats['max']:.3f}], "
         f"{short_estimator_text(facts)}; wrote {', '.join(str(p) for p in paths.values())}"
     )
     if "annotators" in facts:

@@ -9,6 +9,13 @@ pipeline as ``mallowspo demo``). ``--report_only`` redraws the report from resul
 
 ``annotators``: how well M annotators measure -log phi(x) against the truth and the entropy
 estimate, in the world and a Kendall simulation (``mallowspo.cli.annotators_experiment``).
+
+``dispersion_sources``: the controllable experiment with -log phi(x) from the truth, the
+annotators, the entropy or a placebo (``mallowspo.experiments.dispersion_sources``).
+
+``listwise``: DPO best-vs-worst against DPO on all pairs, Plackett-Luce, MallowsPO-theta with
+Plackett-Luce and MallowsPO-phi on all pairs, on the world's ranked lists
+(``mallowspo.experiments.listwise``).
 """
 
 from __future__ import annotations
@@ -159,6 +166,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_budget_arguments(p, defaults)
     add_dispersion_sources_arguments(experiments)
     annotators_experiment.add_parser(experiments)
+    add_listwise_arguments(experiments)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
         return annotators_experiment.run(args)
     if args.experiment == "dispersion_sources":
         return run_dispersion_sources_command(args)
+    if args.experiment == "listwise":
+        return run_listwise_command(args)
     out = args.out or f"runs/controllable-{args.family}"
     if args.report_only:
         paths = write_outputs(load_results(out), out)
@@ -229,5 +239,67 @@ def run_dispersion_sources_command(args: argparse.Namespace) -> int:
     paths = ds.write_outputs(results, out)
     print(f"experiment dispersion_sources: done in {time.perf_counter() - start:.0f}s; wrote {paths['report']}")
     for line in ds.verdict_lines(next(iter(results["summary"].values()))):
+        print(f"  {line}")
+    return 0
+
+
+def add_listwise_arguments(experiments) -> None:
+    """``listwise``: pairs against whole rankings, with and without the Mallows modifier."""
+    from mallowspo.experiments.listwise import ARMS, ListwiseConfig
+
+    p = experiments.add_parser(
+        "listwise",
+        help="DPO best-vs-worst vs DPO all pairs, Plackett-Luce, MallowsPO-theta + PL and MallowsPO-phi all pairs "
+        "on the world's ranked lists",
+        description="Five arms on the same train lists of the built-in world (same prompts, steps and learning "
+        "rate): reward at equal KL, KL, and Kendall's tau on held-out lists; 95%% t-intervals over seeds.",
+    )
+    defaults = ListwiseConfig()
+    p.add_argument("--seeds", type=int, default=3, help="number of seeds: 0..N-1 (default 3)")
+    p.add_argument(
+        "--beta", "--betas", dest="betas", type=comma_floats, default=defaults.betas, help="beta(s) (default 0.1)"
+    )
+    p.add_argument("--family", choices=FAMILY_CHOICES, default="mix", help="closed, open or mix (default mix)")
+    p.add_argument(
+        "--methods", type=comma_names, default=defaults.methods, help=f"subset of {','.join(ARMS)} (default all)"
+    )
+    p.add_argument(
+        "--eval_lists",
+        "--eval-lists",
+        type=int,
+        default=None,
+        help="held-out lists for the Kendall tau (default: all)",
+    )
+    p.add_argument("--out", default=None, help="output directory (default runs/listwise-FAMILY)")
+    p.add_argument(
+        "--report_only", "--report-only", action="store_true", help="redraw the report from OUT/results.json"
+    )
+    add_budget_arguments(p, defaults)
+
+
+def run_listwise_command(args: argparse.Namespace) -> int:
+    from mallowspo.experiments import listwise
+
+    out = args.out or f"runs/listwise-{args.family}"
+    if args.report_only:
+        paths = listwise.write_outputs(listwise.load_results(out), out)
+        print(f"experiment listwise: redrew {', '.join(str(p) for p in paths.values())}")
+        return 0
+    if args.seeds < 1:
+        raise SystemExit("--seeds must be >= 1")
+    with user_errors():
+        base = listwise.ListwiseConfig(
+            seeds=tuple(range(args.seeds)), betas=args.betas, methods=args.methods, family=args.family,
+            eval_lists=args.eval_lists,
+        )  # fmt: skip
+        ensure_world(args.world)
+    start = time.perf_counter()
+    with user_errors():  # a world without its lists
+        results = listwise.run_listwise(config_from_args(args, base), out, world_root=args.world, jobs=args.jobs)
+    paths = listwise.write_outputs(results, out)
+    print(
+        f"experiment listwise: done in {time.perf_counter() - start:.0f}s; wrote {', '.join(str(p) for p in paths.values())}"
+    )
+    for line in listwise.verdict_lines(next(iter(results["summary"].values()))):
         print(f"  {line}")
     return 0

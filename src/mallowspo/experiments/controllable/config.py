@@ -50,9 +50,10 @@ class ControllableConfig:
     disable_tqdm: bool = False
 
     def __post_init__(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        known = self.known_methods()
+        unknown = [m for m in self.methods if m not in known]
         if unknown or not self.methods:
-            raise ValueError(f"methods must be a non-empty subset of {tuple(METHODS)}, got {self.methods}")
+            raise ValueError(f"methods must be a non-empty subset of {tuple(known)}, got {self.methods}")
         if self.family not in FAMILY_CHOICES:
             raise ValueError(f"family must be one of {FAMILY_CHOICES}, got {self.family!r}")
         if not self.seeds or not self.betas or any(b <= 0 for b in self.betas):
@@ -61,6 +62,10 @@ class ControllableConfig:
             raise ValueError("max_steps must be >= 1 and eval_points >= 2 (step 0 and the last step)")
         if self.eval_prompts < 1 or self.samples_per_prompt < 1 or self.batch_size < 1:
             raise ValueError("eval_prompts, samples_per_prompt and batch_size must be >= 1")
+
+    def known_methods(self) -> tuple[str, ...]:
+        """The names ``methods`` may hold (a subclass may train other arms)."""
+        return tuple(METHODS)
 
     def eval_steps(self) -> list[int]:
         """The evaluated steps: ``eval_points`` evenly spaced steps from 0 to ``max_steps``."""

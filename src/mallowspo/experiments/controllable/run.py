@@ -148,23 +148,38 @@ class WorldRunner:
         c = self.config
         return {"dispersion_normalization": "mean" if c.family == "mix" or self.phi_star is None else self.phi_star}
 
+    def method_args(self, spec: RunSpec) -> dict[str, Any]:
+        """The ``MallowsPOConfig`` keys that make ``spec.method`` (``mallows`` included)."""
+        return {"mallows": METHODS[spec.method]["mallows"]}
+
+    def label(self, spec: RunSpec) -> str:
+        return LABELS[spec.method]
+
+    def train_dataset(self):
+        """What every run trains on (the selected train pairs)."""
+        return self._dataset(self.train_rows)
+
+    def evaluate(self, policy: torch.nn.Module, spec: RunSpec) -> dict[str, Any]:
+        """One checkpoint's held-out metrics (``evaluate_policy``)."""
+        c = self.config
+        return evaluate_policy(policy, self.reference, self.eval_set, self.tokenizer, c, spec.seed, spec.beta)
+
     def train_one(self, spec: RunSpec) -> dict[str, Any]:
         """Train one method from the base model and evaluate it at ``config.eval_steps()``."""
         c = self.config
         name = self.run_name(spec)
-        args = self.trainer_args(
-            self.out_dir / "runs" / name, METHODS[spec.method]["mallows"], spec.beta, spec.seed, c.max_steps,
-            **self.dispersion_args(spec),
-        )  # fmt: skip
+        keys = {**self.method_args(spec), **self.dispersion_args(spec)}
+        mallows = keys.pop("mallows")
+        args = self.trainer_args(self.out_dir / "runs" / name, mallows, spec.beta, spec.seed, c.max_steps, **keys)
         model = AutoModelForCausalLM.from_pretrained(self.world.model_dir, dtype=torch.float32)
 
         def evaluate(policy: torch.nn.Module) -> dict:
-            return evaluate_policy(policy, self.reference, self.eval_set, self.tokenizer, c, spec.seed, spec.beta)
+            return self.evaluate(policy, spec)
 
-        callback = CheckpointEvaluator(c.eval_steps(), evaluate, self.log, label=f"{LABELS[spec.method]:>15}")
+        callback = CheckpointEvaluator(c.eval_steps(), evaluate, self.log, label=f"{self.label(spec):>15}")
         start = time.perf_counter()
         trainer = MallowsPOTrainer(
-            model, args=args, train_dataset=self._dataset(self.train_rows), processing_class=self.tokenizer,
+            model, args=args, train_dataset=self.train_dataset(), processing_class=self.tokenizer,
             callbacks=[callback],
         )  # fmt: skip
         quiet_trainer_output(trainer, progress_bar=not c.disable_tqdm)

@@ -80,9 +80,15 @@ def scopes_of(runs: list[dict[str, Any]]) -> list[str]:
     return [s for s in ("all", *PROMPT_FAMILIES) if s in first]
 
 
-def summarize(config: ControllableConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(
+    config: ControllableConfig,
+    runs: list[dict[str, Any]],
+    metrics: tuple[str, ...] = METRICS,
+    labels: dict[str, str] = LABELS,
+) -> dict[str, Any]:
     """Per beta: each method's curve (mean over seeds per checkpoint) and final numbers with
-    95% t-intervals over seeds; and the paired comparison with DPO at matched KL."""
+    95% t-intervals over seeds; and the paired comparison with DPO at matched KL (of every
+    metric but the KL)."""
     out: dict[str, Any] = {}
     if not runs:
         return out
@@ -99,11 +105,11 @@ def summarize(config: ControllableConfig, runs: list[dict[str, Any]]) -> dict[st
                 for scope in scopes:
                     point[scope] = {
                         k: mean_ci([r["checkpoints"][i][scope][k] for r in rs])
-                        for k in (*METRICS, "unfinished", "reward_se")
+                        for k in (*metrics, "unfinished", "reward_se")
                     }
                 curve.append(point)
             entry["methods"][m] = {
-                "label": LABELS[m],
+                "label": labels[m],
                 "seeds": [r["seed"] for r in rs],
                 "curve": curve,
                 "final": curve[-1],
@@ -111,25 +117,28 @@ def summarize(config: ControllableConfig, runs: list[dict[str, Any]]) -> dict[st
                 "train_loss_last": mean_ci([r["train_loss_last"] for r in rs]),
                 "seconds": mean_ci([r["seconds"] for r in rs]),
             }
-        entry["matched_kl"] = matched_kl_comparison(by_method, scopes)
+        at_kl = tuple(k for k in metrics if k != "kl")
+        entry["matched_kl"] = matched_kl_comparison(by_method, scopes, at_kl)
         out[f"{beta:g}"] = entry
     return out
 
 
-def matched_kl_comparison(by_method: dict[str, list[dict[str, Any]]], scopes: list[str]) -> dict[str, Any]:
+def matched_kl_comparison(
+    by_method: dict[str, list[dict[str, Any]]], scopes: list[str], metrics: tuple[str, ...] = ("reward", "accuracy")
+) -> dict[str, Any]:
     """Per seed and scope: K* = the smallest final KL among the methods; each method's
-    reward and accuracy at K* on its own curve; the paired difference to DPO."""
+    ``metrics`` at K* on its own curve; the paired difference to DPO (``<metric>_minus_dpo``)."""
     seeds = sorted(set.intersection(*(set(r["seed"] for r in rs) for rs in by_method.values())))
     out: dict[str, Any] = {}
     for scope in scopes:
-        per_seed: dict[str, dict[str, list[float]]] = {m: {"reward": [], "accuracy": []} for m in by_method}
+        per_seed: dict[str, dict[str, list[float]]] = {m: {k: [] for k in metrics} for m in by_method}
         kstars = []
         for seed in seeds:
             curves = {m: next(r for r in rs if r["seed"] == seed)["checkpoints"] for m, rs in by_method.items()}
             kstar = max(0.0, min(c[-1][scope]["kl"] for c in curves.values()))  # a sampled KL can be slightly < 0
             kstars.append(kstar)
             for m, c in curves.items():
-                for metric in ("reward", "accuracy"):
+                for metric in metrics:
                     per_seed[m][metric].append(value_at_kl(c, kstar, metric, scope))
         entry: dict[str, Any] = {"kl": mean_ci(kstars), "methods": {}}
         final = {m: {k: [next(r for r in rs if r["seed"] == s)["checkpoints"][-1][scope][k] for s in seeds] for k in ("reward", "kl")}
@@ -138,7 +147,8 @@ def matched_kl_comparison(by_method: dict[str, list[dict[str, Any]]], scopes: li
             entry["methods"][m] = {metric: mean_ci(v) for metric, v in per_seed[m].items()}
             if m != "dpo" and "dpo" in by_method:
                 paired = lambda a, b: mean_ci([x - y for x, y in zip(a, b)])  # noqa: E731
-                entry["methods"][m]["reward_minus_dpo"] = paired(per_seed[m]["reward"], per_seed["dpo"]["reward"])
+                for metric in metrics:
+                    entry["methods"][m][f"{metric}_minus_dpo"] = paired(per_seed[m][metric], per_seed["dpo"][metric])
                 entry["methods"][m]["final_reward_minus_dpo"] = paired(final[m]["reward"], final["dpo"]["reward"])
                 entry["methods"][m]["final_kl_minus_dpo"] = paired(final[m]["kl"], final["dpo"]["kl"])
         out[scope] = entry
