@@ -127,6 +127,7 @@ def _score_rows(
     step = max(1, min(rows, ROW_CHUNK_ELEMENTS // max(vocab, 1)))
     # Chunk buffers allocated once: a fresh (step, vocab) tensor per chunk costs page faults on CPU.
     logits_buffer = hidden.new_empty(step, vocab, dtype=dtype)
+    upcast_buffer = hidden.new_empty(step, vocab, dtype=exact) if dtype != exact else None  # bf16 -> float32
     needs_shifted = out.entropy is not None and exps is None  # then e gets its own buffer
     exp_buffer = hidden.new_empty(step, vocab, dtype=exact) if needs_shifted else None
     for lo in range(0, rows, step):
@@ -134,9 +135,10 @@ def _score_rows(
         h = hidden[lo:hi].to(dtype)
         projected = logits_buffer[: hi - lo]
         if bias is not None:
-            logits = torch.addmm(bias, h, weight_t, out=projected).to(exact)
+            torch.addmm(bias, h, weight_t, out=projected)
         else:
-            logits = torch.mm(h, weight_t, out=projected).to(exact)
+            torch.mm(h, weight_t, out=projected)
+        logits = projected if upcast_buffer is None else upcast_buffer[: hi - lo].copy_(projected)
         target_logits = logits.gather(1, targets[lo:hi, None]).squeeze(1)
         row_max = logits.amax(dim=-1, keepdim=True)
         if out.is_top1 is not None:
@@ -181,9 +183,12 @@ class _CompletionLogProbs(torch.autograd.Function):
         grad = grad_log_probs.to(exps.dtype)
         grad_logits = exps * (-grad * inv_total)[:, None]  # -g softmax (a new buffer: retain_graph may call again)
         grad_logits.scatter_add_(1, targets[:, None], grad[:, None])  # + g onehot(target)
+        # Both products in the forward's compute dtype (bf16 under autocast, as autocast's own linear
+        # backward), from one converted copy of the (rows, vocab) gradient; the bias sum stays exact.
         dtype = ctx.compute_dtype
-        grad_hidden = (grad_logits.to(dtype) @ weight.to(dtype)).to(hidden.dtype) if needs_hidden else None
-        grad_weight = (grad_logits.t() @ hidden.to(exps.dtype)).to(weight.dtype) if needs_weight else None
+        grad_logits_c = grad_logits.to(dtype) if (needs_hidden or needs_weight) else None
+        grad_hidden = (grad_logits_c @ weight.to(dtype)).to(hidden.dtype) if needs_hidden else None
+        grad_weight = (grad_logits_c.t() @ hidden.to(dtype)).to(weight.dtype) if needs_weight else None
         grad_bias = grad_logits.sum(0).to(weight.dtype) if (needs_bias and ctx.has_bias) else None
         return grad_hidden, grad_weight, grad_bias, None, None
 
