@@ -55,7 +55,7 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -n 2 -q -m slow
 
 bench: $(STAMP)
-	$(PY) benchmarks/run.py --out benchmarks/RESULTS.md
+	$(PY) benchmarks/run.py --profile mpo_phi_pre,mpo_phi_pre@bf16 --out benchmarks/RESULTS.md
 
 clean:
 	rm -rf .venv .venv-min runs .pytest_cache

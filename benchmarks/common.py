@@ -43,6 +43,9 @@ class Workload:
     # Length-skewed data: in every run of batch_pairs pairs one has the full lengths and the others an
     # eighth of them (padded batches are then mostly padding; padding_free packs only the real tokens).
     skewed: bool = False
+    # Responses per prompt. Above 2 the assets also hold ranked lists of list_size responses (lists.jsonl),
+    # and the pairs are each list's best against its worst response, for the same prompts.
+    list_size: int = 2
 
     @property
     def max_length(self) -> int:
@@ -56,7 +59,10 @@ class Workload:
         return 2 * self.vocab_size * h + self.num_layers * layer + h
 
     def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        fields = asdict(self)
+        if self.list_size == 2:
+            del fields["list_size"]  # the keys of pair workloads predate the field
+        blob = json.dumps(fields, sort_keys=True).encode()
         return f"v{self.vocab_size}_p{self.prompt_len}_r{self.response_len}_" + hashlib.sha1(blob).hexdigest()[:8]
 
     def describe(self) -> str:
@@ -64,11 +70,17 @@ class Workload:
         lengths = f"{self.prompt_len} prompt + {self.response_len} response tokens"
         if self.skewed:
             lengths = f"up to {lengths}, one pair in {self.batch_pairs} full length and the others 1/8 of it"
+        lists = (
+            f"; ranked lists of {self.list_size} responses per prompt ({self.list_size * self.batch_pairs} "
+            "sequences per listwise step), the pairs their best against their worst"
+            if self.list_size > 2
+            else ""
+        )
         return (
             f"Llama, vocab {self.vocab_size}, hidden {self.hidden_size}, {self.num_layers} layers, "
             f"{self.num_heads} heads{kv}, MLP {self.intermediate_size}, untied LM head, "
             f"{self.parameter_count() / 1e6:.1f} M parameters; "
-            f"{self.batch_pairs} pairs/step (= {2 * self.batch_pairs} sequences of {lengths})"
+            f"{self.batch_pairs} pairs/step (= {2 * self.batch_pairs} sequences of {lengths}){lists}"
         )
 
     def pair_lengths(self, index: int) -> tuple[int, int]:
@@ -134,7 +146,10 @@ def build_tokenizer(vocab_size: int):
 def make_pairs(w: Workload) -> list[dict]:
     """Token-id preference pairs with exact lengths: prompt_len prompt tokens; chosen and
     rejected of response_len tokens each, the last one EOS (``skewed``: ``Workload.pair_lengths``).
-    Ids avoid the special tokens."""
+    Ids avoid the special tokens. With ``list_size`` > 2: the best and worst response of each of
+    ``make_lists``' lists."""
+    if w.list_size > 2:
+        return [list_pair(item) for item in make_lists(w)]
     rng = random.Random(w.seed)
     eos_id = SPECIALS.index(EOS)
     lo, hi = len(SPECIALS), w.vocab_size - 1
@@ -152,17 +167,60 @@ def make_pairs(w: Workload) -> list[dict]:
     return pairs
 
 
+def make_lists(w: Workload) -> list[dict]:
+    """Token-id ranked lists, one per pair index, with the lengths of ``Workload.pair_lengths``: a prompt
+    and ``list_size`` distinct responses (EOS last), ranked in their order (the first best)."""
+    rng = random.Random(w.seed)
+    eos_id = SPECIALS.index(EOS)
+    lo, hi = len(SPECIALS), w.vocab_size - 1
+
+    def ids(n):
+        return [rng.randint(lo, hi) for _ in range(n)]
+
+    lists = []
+    for index in range(w.n_pairs):
+        prompt_len, response_len = w.pair_lengths(index)
+        responses = []
+        for _ in range(w.list_size):
+            response = ids(response_len - 1) + [eos_id]
+            while response in responses:  # astronomically unlikely; keep the responses distinct
+                response[0] = lo + (response[0] - lo + 1) % (hi - lo + 1)
+            responses.append(response)
+        lists.append({"prompt_ids": ids(prompt_len), "responses_ids": responses})
+    return lists
+
+
+def list_pair(item: dict) -> dict:
+    """The token-id pair of a ranked list: its best response (the first) against its worst (the last)."""
+    return {
+        "prompt_ids": item["prompt_ids"],
+        "chosen_ids": item["responses_ids"][0],
+        "rejected_ids": item["responses_ids"][-1],
+    }
+
+
+def ids_text(ids) -> str:
+    """The text of token ids in the benchmark tokenizer."""
+    return " ".join(EOS if i == SPECIALS.index(EOS) else word(i) for i in ids)
+
+
 def pair_text(pair: dict) -> dict:
     """The standard-format text row of a token-id pair (TRL concatenates prompt + completion,
     so completions start with a space). Completions already end with the EOS token."""
-
-    def text(ids):
-        return " ".join(EOS if i == SPECIALS.index(EOS) else word(i) for i in ids)
-
     return {
-        "prompt": text(pair["prompt_ids"]),
-        "chosen": " " + text(pair["chosen_ids"]),
-        "rejected": " " + text(pair["rejected_ids"]),
+        "prompt": ids_text(pair["prompt_ids"]),
+        "chosen": " " + ids_text(pair["chosen_ids"]),
+        "rejected": " " + ids_text(pair["rejected_ids"]),
+    }
+
+
+def list_text(item: dict) -> dict:
+    """The text row of a token-id list in mallowspo's ``responses`` layout (completions as ``pair_text``'s),
+    ranked best first in the order of its responses."""
+    return {
+        "prompt": ids_text(item["prompt_ids"]),
+        "responses": [" " + ids_text(r) for r in item["responses_ids"]],
+        "ranking": list(range(len(item["responses_ids"]))),
     }
 
 
@@ -232,8 +290,21 @@ def build_assets(w: Workload, root: Path) -> Path:
     row, pair = pair_text(pairs[0]), pairs[0]
     assert tokenizer(row["prompt"]).input_ids == pair["prompt_ids"]
     assert tokenizer(row["prompt"] + row["chosen"]).input_ids == pair["prompt_ids"] + pair["chosen_ids"]
+    if w.list_size > 2:
+        _write_lists(w, out / "lists.jsonl", tokenizer)
     (out / "DONE").write_text("ok\n")
     return out
+
+
+def _write_lists(w: Workload, path: Path, tokenizer) -> None:
+    """The ranked lists of ``w`` as text rows (``list_text``), checked to tokenize back to their ids."""
+    lists = make_lists(w)
+    with open(path, "w") as f:
+        for item in lists:
+            f.write(json.dumps(list_text(item)) + "\n")
+    row, item = list_text(lists[0]), lists[0]
+    for text, ids in zip(row["responses"], item["responses_ids"]):
+        assert tokenizer(row["prompt"] + text).input_ids == item["prompt_ids"] + ids
 
 
 # ----------------------------------------------------------------------------- measurement helpers
@@ -274,13 +345,59 @@ def median(values):
     return statistics.median(values) if values else None
 
 
-def batch_fingerprint(input_ids, completion_mask) -> dict:
-    """Shape and checksums of a concatenated batch, to check every system saw the same tokens."""
+def batch_fingerprint(input_ids, completion_mask=None) -> dict:
+    """Shape and checksums of a concatenated batch, to check every system saw the same tokens (without
+    a completion mask its completion figures are 0)."""
     ids = input_ids.detach().cpu().long()
-    mask = completion_mask.detach().cpu().long()
+    mask = completion_mask.detach().cpu().long() if completion_mask is not None else ids.new_zeros(ids.shape)
     return {
         "shape": list(ids.shape),
         "id_sum": int(ids.sum()),
         "completion_tokens": int(mask.sum()),
         "completion_id_sum": int((ids * mask).sum()),
     }
+
+
+def batch_layout(batch: dict) -> dict:
+    """How a collated batch is laid out: the sequences it computes, its real (non-padding) tokens and
+    the tokens of its tensors (padded rows: rows x longest; a packed row: only the real ones)."""
+    ids = batch["input_ids"]
+    if "cu_seq_lens" in batch:  # padding-free: one row of the sequences back to back
+        sequences, real = int(batch["cu_seq_lens"].numel()) - 1, int(ids.numel())
+    else:
+        mask = batch.get("attention_mask")
+        sequences, real = int(ids.shape[0]), int(mask.sum()) if mask is not None else int(ids.numel())
+    return {"sequences": sequences, "real_tokens": real, "padded_tokens": int(ids.numel())}
+
+
+# ----------------------------------------------------------------------------- report helpers
+
+
+def paired_ratio(summary: dict, a: str, b: str):
+    """Step-time ratio a/b: the median of the per-round ratios (each round measures both
+    systems close in time), with the per-round values as the spread."""
+    if a not in summary or b not in summary:
+        return None, []
+    ra, rb = summary[a].get("round_medians", []), summary[b].get("round_medians", [])
+    rounds = [x / y for x, y in zip(ra, rb) if x is not None and y]
+    return median(rounds), rounds
+
+
+def memory_ratio(summary: dict, a: str, b: str):
+    pa, pb = summary.get(a, {}).get("peak_mib"), summary.get(b, {}).get("peak_mib")
+    return (pa / pb) if pa and pb else None
+
+
+def fmt(value, digits=3, suffix=""):
+    if value is None:
+        return "n/a"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def target_row(what, value, op, bound, spread=(), note="") -> dict:
+    """One row of the targets table: PASS when ``value op bound`` holds (op "<=" or ">="), n/a without a value."""
+    if value is None:
+        verdict = "n/a"
+    else:
+        verdict = "PASS" if (value <= bound if op == "<=" else value >= bound) else "FAIL"
+    return dict(what=what, value=value, target=f"{op} {bound:.2f}", verdict=verdict, spread=list(spread), note=note)

@@ -29,8 +29,19 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import layouts  # noqa: E402
 import roofline  # noqa: E402
-from common import Settings, Workload, available_cores, build_assets, median  # noqa: E402
+from common import (  # noqa: E402
+    Settings,
+    Workload,
+    available_cores,
+    build_assets,
+    fmt,
+    median,
+    memory_ratio,
+    paired_ratio,
+    target_row,
+)
 from profiling import render_groups  # noqa: E402
 
 MAIN_SYSTEMS = (
@@ -241,12 +252,9 @@ def summarise(entries: list[dict], device: str) -> dict[str, dict]:
         if system == "gemm":
             info["result"] = ok[0]["result"] if ok else None
         elif system == "refpass":
-            info["with_entropy_pairs_per_s"] = median([r["result"]["with_entropy_pairs_per_s"] for r in ok])
-            info["without_entropy_pairs_per_s"] = median([r["result"]["without_entropy_pairs_per_s"] for r in ok])
-            # each with/without pair ran back to back: the ratio of each pair, median per measurement
-            info["round_ratio"] = [median(r["result"]["round_ratios"]) for r in ok]
-            info["pair_ratios"] = [x for r in ok for x in r["result"]["round_ratios"]]
-            info["logps_match"] = all(r["result"]["logps_match"] for r in ok)
+            info.update(summarise_refpass([r["result"] for r in ok]))
+        elif system == "refpass_lists":
+            info.update(layouts.summarise_refpass_lists(ok))
         else:
             pooled = [t for r in ok for t in r["result"]["step_times"]]
             info["median_step_s"] = median(pooled)
@@ -261,19 +269,26 @@ def summarise(entries: list[dict], device: str) -> dict[str, dict]:
     return summary
 
 
-def paired_ratio(summary: dict, a: str, b: str):
-    """Step-time ratio a/b: the median of the per-round ratios (each round measures both
-    systems close in time), with the per-round values as the spread."""
-    if a not in summary or b not in summary:
-        return None, []
-    ra, rb = summary[a].get("round_medians", []), summary[b].get("round_medians", [])
-    rounds = [x / y for x, y in zip(ra, rb) if x is not None and y]
-    return median(rounds), rounds
+def summarise_refpass(results: list[dict]) -> dict:
+    """The reference-pass figures of ``summarise``: medians over the measurements' results."""
 
+    def pooled(key):
+        return median([median(r.get(key) or []) for r in results])
 
-def memory_ratio(summary: dict, a: str, b: str):
-    pa, pb = summary.get(a, {}).get("peak_mib"), summary.get(b, {}).get("peak_mib")
-    return (pa / pb) if pa and pb else None
+    info = {
+        f"{label}_{unit}": median([r.get(f"{label}_{unit}") for r in results])
+        for label in ("with_entropy", "without_entropy", "plain_forward")
+        for unit in ("pairs_per_s", "tokens_per_s")
+    }
+    # each with/without pair ran back to back: the ratio of each pair, median per measurement
+    info["round_ratio"] = [median(r["round_ratios"]) for r in results]
+    info["pair_ratios"] = [x for r in results for x in r["round_ratios"]]
+    info["logps_match"] = all(r["logps_match"] for r in results)
+    for key in ("with_entropy_over_plain", "without_entropy_over_plain", "cache_write_s", "cache_read_s"):
+        info[key] = pooled(key)
+    info["with_entropy_s"] = pooled("with_entropy_s")
+    info["cache_roundtrip_ok"] = all(r.get("cache_roundtrip_ok", False) for r in results)
+    return info
 
 
 def targets(summary: dict) -> list[dict]:
@@ -281,13 +296,7 @@ def targets(summary: dict) -> list[dict]:
     rows = []
 
     def add(what, value, op, bound, spread=(), note=""):
-        if value is None:
-            verdict = "n/a"
-        else:
-            verdict = "PASS" if (value <= bound if op == "<=" else value >= bound) else "FAIL"
-        rows.append(
-            dict(what=what, value=value, target=f"{op} {bound:.2f}", verdict=verdict, spread=list(spread), note=note)
-        )
+        rows.append(target_row(what, value, op, bound, spread, note))
 
     for pre, tag in (("_pre", "precomputed ref"), ("", "ref per step")):
         for variant in ("theta", "phi", "none"):
@@ -434,12 +443,6 @@ def versions() -> dict:
     return out
 
 
-def fmt(value, digits=3, suffix=""):
-    if value is None:
-        return "n/a"
-    return f"{value:.{digits}f}{suffix}"
-
-
 def with_hidden(w: Workload, hidden: int) -> Workload:
     """The workload at another hidden size: MLP and heads scaled alike (head dim 64)."""
     return w.with_(
@@ -488,6 +491,7 @@ def render(
     hidden: list[dict] = (),
     roof: list[dict] = (),
     profiles: list[dict] = (),
+    layout: dict | None = None,
 ) -> str:
     device, mem_name = (
         meta["settings"]["device"],
@@ -595,8 +599,9 @@ def render(
     if profiles:
         L.append("## Profile breakdown\n")
         L.append(
-            "torch.profiler over a few steps of each `--profile` system (the profiler slows them: these runs' step "
-            "times are not comparable). Every op's self time goes to one group (`benchmarks/profiling.py`). Op "
+            "torch.profiler over a few steps of each `--profile` system, in an extra measurement after the timed "
+            "rounds (the profiler slows the steps it records; no table above includes them). Every op's self time "
+            "goes to one group (`benchmarks/profiling.py`). Op "
             "tables: next to the report, `<report>.profile-<system>.txt`.\n"
         )
         for p in profiles:
@@ -607,16 +612,35 @@ def render(
         L.append("## Reference pass throughput (main workload)\n")
         L.append(
             "`mallowspo.training.reference.compute_reference_columns` over the data set, batch "
-            f"{w['batch_pairs']} pairs; the two variants alternate (ABBA) in one process on the same model.\n"
+            f"{w['batch_pairs']} pairs, with and without the entropy, and the model's plain forward over the same "
+            "batches: the three run in turn in one process on the same model, their order rotated from one repeat "
+            "to the next.\n"
         )
-        L.append("| variant | pairs/s | time ratio to without |")
-        L.append("| --- | ---: | ---: |")
+        L.append("| variant | pairs/s | tokens/s | time ratio to without | time ratio to plain forward |")
+        L.append("| --- | ---: | ---: | ---: | ---: |")
         L.append(
-            f"| log-probs only (what TRL's reference pass computes) | {fmt(ref.get('without_entropy_pairs_per_s'), 1)} | 1.000 |"
+            f"| the model's plain forward (full logits, nothing else) | {fmt(ref.get('plain_forward_pairs_per_s'), 1)} | "
+            f"{fmt(ref.get('plain_forward_tokens_per_s'), 0)} | | 1.000 |"
+        )
+        L.append(
+            f"| log-probs only (what TRL's reference pass computes) | {fmt(ref.get('without_entropy_pairs_per_s'), 1)} | "
+            f"{fmt(ref.get('without_entropy_tokens_per_s'), 0)} | 1.000 | {fmt(ref.get('without_entropy_over_plain'), 3)} |"
         )
         L.append(
             f"| log-probs + entropy statistic (mallowspo) | {fmt(ref.get('with_entropy_pairs_per_s'), 1)} | "
-            f"{fmt(median(ref.get('round_ratio') or []), 3)} |"
+            f"{fmt(ref.get('with_entropy_tokens_per_s'), 0)} | {fmt(median(ref.get('round_ratio') or []), 3)} | "
+            f"{fmt(ref.get('with_entropy_over_plain'), 3)} |"
+        )
+        L.append(
+            "\nTokens: the batches' non-padding tokens (attention mask). The plain forward runs over the same "
+            "loader under `torch.no_grad()` and the same autocast; its head projects every position, the "
+            "passes' only the completion positions."
+        )
+        L.append(
+            f"Cache of the columns (a temp dir): written with `write_cache_atomically` in "
+            f"{fmt(ref.get('cache_write_s'), 4)} s, read back with `read_valid_cache` in {fmt(ref.get('cache_read_s'), 4)} s "
+            f"(identical: {ref.get('cache_roundtrip_ok')}), against {fmt(ref.get('with_entropy_s'), 4)} s for the "
+            "pass with the entropy."
         )
         L.append(f"\nReference log-probs identical with and without the entropy: {ref.get('logps_match')}.\n")
     if len(hidden) > 1:
@@ -639,6 +663,7 @@ def render(
             )
         L.append("")
 
+    L += layouts.render(layout or {}, mem_name)
     if scaling:
         L.append("## Scaling (reduced set of systems, precomputed reference)\n")
         L.append(f"{meta['scaling_desc']}\n")
@@ -719,6 +744,11 @@ def parse_args(argv=None):
         f"same rounds; 'none' for none (default: those of {','.join(BOTH_DTYPES_SYSTEMS)} that are measured)",
     )
     p.add_argument("--no-scaling", action="store_true", help="skip the scaling table")
+    p.add_argument(
+        "--no-layouts",
+        action="store_true",
+        help="skip the layout groups (padding_free on length-skewed data, listwise K = 4 against pairwise)",
+    )
     p.add_argument(
         "--profile",
         default="",
@@ -814,10 +844,12 @@ def main(argv=None) -> int:
 
     # Reference pass only, at larger hidden sizes: how the entropy statistic's share shrinks.
     hidden_points = [] if args.no_scaling else [with_hidden(workload, h) for h in preset["hidden_grid"]]
+    # Batches of other layouts: packed rows on length-skewed data, ranked lists (benchmarks/layouts.py).
+    layout_points = [] if args.no_layouts else layouts.workloads(workload)
 
     log(f"[bench] {preset_name}: device {device}, {dtype}, {threads} threads; work dir {tmp}")
     assets = {}
-    for w in [workload, *scaling_points, *hidden_points]:
+    for w in [workload, *scaling_points, *hidden_points, *layout_points]:
         if w not in assets:
             assets[w] = str(build_assets(w, tmp / "assets"))
 
@@ -826,7 +858,7 @@ def main(argv=None) -> int:
             tag = f"{prefix}{system.replace('@', '-')}-r{r}"
             prof = (
                 str(out.with_name(f"{out.stem}.profile-{system.replace('@', '-')}.txt"))
-                if (system in profile and r == 0 and prefix == "main-")
+                if prefix == "profile-"
                 else None
             )
             job_settings = dataclasses.replace(s, dtype=system.partition("@")[2] or s.dtype)
@@ -856,13 +888,25 @@ def main(argv=None) -> int:
             groups.append((prefix, w, schedule(("refpass",), 1, job_maker(w, hidden_settings, prefix))))
         return groups
 
+    def layout_groups():
+        if args.no_layouts:
+            return []
+
+        def jobs(systems, w, prefix, n_rounds):
+            return schedule(systems, n_rounds, job_maker(w, settings, prefix))
+
+        return layouts.groups(workload, rounds, jobs)
+
     # The GEMM rates for the roofline first (a fresh process, nothing else running), then the rounds.
     main_jobs = [job_maker(workload, gemm_settings, "main-")("gemm", 0)]
     main_jobs += schedule(measured_systems, rounds, job_maker(workload, settings, "main-"))
+    # Profiled measurements are extra ones, after the timed rounds: the profiler slows the steps it records.
+    profile_jobs = [job_maker(workload, settings, "profile-")(system, 0) for system in sorted(profile)]
     entries_by_group: dict[str, list[dict]] = {}
     budget_note = ""
     if preset["one_process"] and not args.isolate:
-        groups = [("main", workload, main_jobs), *scaling_groups(scaling_settings)]
+        groups = [("main", workload, main_jobs), *layout_groups(), *scaling_groups(scaling_settings)]
+        groups += [("profile", workload, profile_jobs)] if profile_jobs else []
         all_jobs = [j for _, _, jobs in groups for j in jobs]
         log(f"[bench] {len(all_jobs)} measurements in one worker process")
         entries = run_jobs(all_jobs, tmp, threads, args.timeout, log)
@@ -879,6 +923,10 @@ def main(argv=None) -> int:
                 entries_by_group[label].append(dict(entry, round=job["round"]))
 
         run_group("main", main_jobs)
+        if profile_jobs:
+            run_group("profile", profile_jobs)
+        for label, _, jobs in layout_groups():
+            run_group(label, jobs)
         if scaling_points and not args.scaling_steps:
             # Fit the scaling grid into what is left of the time budget, from the main table's costs.
             left = args.budget_min * 60 - (time.perf_counter() - t_start)
@@ -920,7 +968,7 @@ def main(argv=None) -> int:
     )
     profiles = [
         {"system": e["system"], "groups": e["result"]["profile_groups"]}
-        for e in entries_by_group["main"]
+        for e in entries_by_group.get("profile", [])
         if e.get("result", {}).get("profile_groups")
     ]
     for p in profiles:
@@ -960,9 +1008,17 @@ def main(argv=None) -> int:
                 }
             )
 
-    # Same batch shape and completion-token count for every system of a workload.
-    shape_problems = []
+    layout_figs = layouts.figures(
+        {label: summarise(entries_by_group[label], device) for label, _, _ in layout_groups()}, workload
+    )
+    rows += layouts.targets(layout_figs)
+
+    # Same batch shape and completion-token count for every system of a workload (the layout groups'
+    # systems see other shapes by design: their own checks).
+    shape_problems = layouts.shape_problems(entries_by_group)
     for label, entries in entries_by_group.items():
+        if label.startswith("layout-"):
+            continue
         seen = {}
         for e in entries:
             batch = e.get("result", {}).get("batch")
@@ -996,7 +1052,7 @@ def main(argv=None) -> int:
         "total_s": time.perf_counter() - t_start,
         "shape_problems": shape_problems,
     }
-    report = render(meta, main_summary, rows, scaling_rows, hidden_rows, roof_rows, profiles)
+    report = render(meta, main_summary, rows, scaling_rows, hidden_rows, roof_rows, profiles, layout_figs)
     if shape_problems:
         report += "\n## Workload mismatch\n\n" + "\n".join(f"- {p}" for p in shape_problems) + "\n"
     out.write_text(report)
@@ -1008,6 +1064,7 @@ def main(argv=None) -> int:
         "hidden": hidden_rows,
         "dtype_comparisons": dtype_comparisons(main_summary, dtype),
         "roofline": {"gemm": gemm_result, "rows": roof_rows},
+        "layouts": layout_figs,
         "profiles": profiles,
         "entries": all_entries,
     }

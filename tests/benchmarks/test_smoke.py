@@ -1,8 +1,9 @@
 """The benchmark harness (benchmarks/run.py) runs end to end at tiny sizes.
 
 It only checks that the report is complete: every system measured (the both-dtypes systems in
-bf16 too), every ratio and target present, the roofline and the profile breakdown there. No
-timing is asserted (smoke numbers are meaningless).
+bf16 too), every ratio and target present, the roofline, the profile breakdown and the layout
+groups (padding_free on length-skewed data, listwise K = 4 against pairwise) there. No timing is
+asserted (smoke numbers are meaningless).
 """
 
 from __future__ import annotations
@@ -55,6 +56,11 @@ def test_smoke_run_writes_every_system_and_ratio(tmp_path):
         if system == "refpass":
             assert info["with_entropy_pairs_per_s"] > 0 and info["without_entropy_pairs_per_s"] > 0
             assert info["logps_match"]
+            # against the plain forward, in tokens/s, and the cache's write and read
+            for variant in ("with_entropy", "without_entropy", "plain_forward"):
+                assert info[f"{variant}_tokens_per_s"] > 0, variant
+            assert info["with_entropy_over_plain"] > 0 and info["without_entropy_over_plain"] > 0
+            assert info["cache_write_s"] > 0 and info["cache_read_s"] > 0 and info["cache_roundtrip_ok"]
         else:
             assert info["n_steps"] == raw["meta"]["settings"]["steps"]
             assert info["median_step_s"] > 0 and info["peak_mib"] > 0
@@ -92,8 +98,8 @@ def test_smoke_run_writes_every_system_and_ratio(tmp_path):
     assert "## Profile breakdown" in report and "| dtype conversions |" in report
     assert "| matmul |" in (tmp_path / "RESULTS.profile-mpo_phi_pre-bf16.txt").read_text()
 
-    # Every target has a value and a verdict, and appears in the report.
-    assert len(raw["targets"]) == 20
+    # Every target has a value and a verdict, and appears in the report (4 of them the layout groups').
+    assert len(raw["targets"]) == 24
     for row in raw["targets"]:
         assert row["value"] is not None and row["verdict"] in ("PASS", "FAIL"), row
         assert row["what"] in report
@@ -118,3 +124,32 @@ def test_smoke_run_writes_every_system_and_ratio(tmp_path):
     for row in raw["hidden"]:
         assert row["refpass"]["with_entropy_pairs_per_s"] > 0 and row["refpass"]["logps_match"], row
     assert "The entropy statistic against hidden size" in report
+
+    # The reference pass against the plain forward and the cache, in the throughput section.
+    assert "| the model's plain forward (full logits, nothing else) |" in report
+    assert "time ratio to plain forward" in report and "`read_valid_cache`" in report
+
+    # padding_free on length-skewed data: both layouts, on the same completion tokens, one packed row.
+    assert "## padding_free on length-skewed data" in report
+    packed = raw["layouts"]["packed"]
+    real, padded = bench.layouts.token_counts(bench.layouts.packed_workload(w))
+    assert packed["real_token_fraction"] == real / padded == packed["measured_real_token_fraction"]
+    layouts = {key: packed[key] for key in ("padded", "packed")}
+    for row in layouts.values():
+        assert not row["errors"] and row["median_step_s"] > 0 and row["peak_mib"] > 0
+    assert layouts["padded"]["batch"]["completion_tokens"] == layouts["packed"]["batch"]["completion_tokens"]
+    assert layouts["packed"]["batch"]["shape"][0] == 1 and layouts["packed"]["batch"]["sequences"] == 2 * w.batch_pairs
+    assert packed["packed"]["ratio"] > 0 and packed["packed_over_bound"] > 0 and packed["speedup"] > 0
+
+    # Listwise K = 4 against pairwise: K sequences per prompt, ratios paired by round; the list reference pass.
+    assert "## Listwise K = 4 against pairwise" in report and "### The reference pass per response" in report
+    lists = raw["layouts"]["lists"]
+    assert lists["list_size"] == 4 and not lists["pairwise"]["errors"]
+    assert {row["objective"] for row in lists["listwise"]} == {"all_pairs", "plackett_luce"}
+    for row in lists["listwise"]:
+        assert not row["errors"] and row["ratio"] > 0 and row["memory_ratio"] > 0, row
+        assert row["batch"]["sequences"] == 2 * lists["pairwise"]["batch"]["sequences"] == 4 * w.batch_pairs
+    ref = lists["refpass"]
+    assert not ref["errors"] and ref["logps_match"] and ref["ratio"] > 0
+    assert ref["responses"] == {"lists": 4 * w.n_pairs, "pairs": 2 * w.n_pairs}
+    assert ref["lists_s_per_response"] > 0 and ref["pairs_s_per_response"] > 0
