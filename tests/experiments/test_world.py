@@ -195,6 +195,19 @@ def test_mini_world_data_is_deterministic_under_its_seed(mini_world, tmp_path):
     assert not any(p.name != "report.json" and "list" in p.name for p in (tmp_path / "a").iterdir())
 
 
+def test_world_data_takes_the_number_of_annotators(mini_world, tmp_path, capsys):
+    from mallowspo.cli import main
+
+    args = ["world", "data", "--world", str(mini_world.root), "--out", str(tmp_path / "m3"), "--annotators", "3"]
+    assert main(args) == 0
+    lists = [json.loads(line) for line in (tmp_path / "m3-lists" / "train.jsonl").read_text().splitlines()]
+    pairs = [json.loads(line) for line in (tmp_path / "m3" / "train.jsonl").read_text().splitlines()]
+    assert {len(r["annotator_rankings"]) for r in lists} == {3} and {len(p["votes"]) for p in pairs} == {3}
+    assert main(["world", "data", "--world", str(mini_world.root), "--out", str(tmp_path / "m0"), "--annotators", "0"]) == 2
+    assert "annotators per prompt must be an integer >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "m0").exists()
+
+
 def test_mini_world_lists_rank_the_pairs_responses(mini_world):
     pairs = [json.loads(line) for line in mini_world.train_file.read_text().splitlines()]
     lists = [json.loads(line) for line in mini_world.train_lists_file.read_text().splitlines()]

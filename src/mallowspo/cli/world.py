@@ -1,7 +1,7 @@
 """`mallowspo world`: build the built-in world (base model, tokenizer, preference data).
 
     mallowspo world build [--out DIR] [--seed S] [--data_seed S] [--no_data] [--mini]
-    mallowspo world data  [--world DIR] [--seed S] [--out DIR] [--responses K]
+    mallowspo world data  [--world DIR] [--seed S] [--out DIR] [--responses K] [--annotators M]
     mallowspo world info  [--world DIR]
 
 `build` rebuilds everything from scratch; `data` redraws the preference data from a built
@@ -20,6 +20,7 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
+from mallowspo.cli.errors import user_errors
 from mallowspo.experiments.world.build import WorldConfig, build_world_model
 from mallowspo.experiments.world.data import WorldDataConfig, generate_preference_data
 from mallowspo.experiments.world.paths import ASSETS_DIR, WorldPaths, locate_world, user_world_dir
@@ -42,6 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--seed", type=int, default=0, help="seed of sampling and annotators (default 0)")
     data.add_argument("--out", type=Path, default=None, help="write only the data files to this directory")
     data.add_argument("--responses", type=int, default=None, help="K, responses one annotator ranks (default 4)")
+    data.add_argument(
+        "--annotators", type=int, default=None, help="M, annotators ranking each prompt's responses (default 5)"
+    )
 
     info = actions.add_parser("info", help="print where the world is and its build and data reports")
     info.add_argument("--world", type=Path, default=None, help="world directory (default: the one in use)")
@@ -69,6 +73,10 @@ def run(args: argparse.Namespace) -> int:
         fields = {"seed": args.seed}
         if args.responses is not None:
             fields["responses_per_prompt"] = args.responses
+        if args.annotators is not None:
+            fields["annotators_per_prompt"] = args.annotators
+        with user_errors():  # a K or M out of range: one line naming it
+            WorldDataConfig(**fields)
         if args.out is not None:
             generate_preference_data(source.root, WorldDataConfig(**fields), out_dir=args.out)
             return 0
