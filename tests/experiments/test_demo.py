@@ -26,17 +26,6 @@ SHORT = ["--steps", "3", "--batch_size", "4", "--eval_points", "2", "--eval-prom
          "--eval-pairs", "8", "--max-new-tokens", "24"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def mini_world(tmp_path_factory):
-    from mallowspo.experiments.world.build import WorldConfig, build_world_model
-    from mallowspo.experiments.world.data import WorldDataConfig, generate_preference_data
-
-    root = tmp_path_factory.mktemp("world")
-    build_world_model(root, WorldConfig.mini(), log=lambda *_: None)
-    generate_preference_data(root, WorldDataConfig(), log=lambda *_: None)
-    return root
-
-
 def test_short_demo_writes_every_report_file(mini_world, tmp_path, mallowspo_cache, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--world", str(mini_world), *SHORT]) == 0

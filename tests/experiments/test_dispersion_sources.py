@@ -22,17 +22,6 @@ SHORT = ["--steps", "2", "--batch_size", "4", "--eval_points", "2", "--eval-prom
 
 
 @pytest.fixture(scope="module")
-def mini_world(tmp_path_factory):
-    from mallowspo.experiments.world.build import WorldConfig, build_world_model
-    from mallowspo.experiments.world.data import WorldDataConfig, generate_preference_data
-
-    root = tmp_path_factory.mktemp("world")
-    build_world_model(root, WorldConfig.mini(), log=lambda *_: None)
-    generate_preference_data(root, WorldDataConfig(), log=lambda *_: None)
-    return root
-
-
-@pytest.fixture(scope="module")
 def runner(mini_world, tmp_path_factory):
     config = ds.DispersionSourcesConfig(train_rows=48, eval_prompts=4, eval_pairs=8, disable_tqdm=True)
     return ds.SourceRunner(config, mini_world, tmp_path_factory.mktemp("out"), log=lambda *_: None)

@@ -21,17 +21,6 @@ SHORT = ["--steps", "3", "--batch_size", "4", "--eval_points", "2", "--eval-prom
          "--eval-pairs", "8", "--eval-lists", "24", "--max-new-tokens", "16", "--train-rows", "48"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def mini_world(tmp_path_factory):
-    from mallowspo.experiments.world.build import WorldConfig, build_world_model
-    from mallowspo.experiments.world.data import WorldDataConfig, generate_preference_data
-
-    root = tmp_path_factory.mktemp("world")
-    build_world_model(root, WorldConfig.mini(), log=lambda *_: None)
-    generate_preference_data(root, WorldDataConfig(), log=lambda *_: None)
-    return root
-
-
 def brute_force_tau(rewards, order) -> float:
     """sum over preferred (i, j) of sign(r_i - r_j), over the number of such pairs."""
     signs = [

@@ -203,7 +203,10 @@ def test_world_data_takes_the_number_of_annotators(mini_world, tmp_path, capsys)
     lists = [json.loads(line) for line in (tmp_path / "m3-lists" / "train.jsonl").read_text().splitlines()]
     pairs = [json.loads(line) for line in (tmp_path / "m3" / "train.jsonl").read_text().splitlines()]
     assert {len(r["annotator_rankings"]) for r in lists} == {3} and {len(p["votes"]) for p in pairs} == {3}
-    assert main(["world", "data", "--world", str(mini_world.root), "--out", str(tmp_path / "m0"), "--annotators", "0"]) == 2
+    assert (
+        main(["world", "data", "--world", str(mini_world.root), "--out", str(tmp_path / "m0"), "--annotators", "0"])
+        == 2
+    )
     assert "annotators per prompt must be an integer >= 1, got 0" in capsys.readouterr().err
     assert not (tmp_path / "m0").exists()
 

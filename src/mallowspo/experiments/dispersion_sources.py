@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +39,9 @@ from mallowspo.annotators import neg_log_phi_from_votes
 from mallowspo.dispersion import DEFAULT_CLAMP, scale_and_clamp
 from mallowspo.experiments.controllable.config import LABELS, PROMPT_FAMILIES, ControllableConfig
 from mallowspo.experiments.controllable.evaluate import say
-from mallowspo.experiments.controllable.run import RunSpec, WorldRunner, _worker_init, _worker_run, world_facts
-from mallowspo.experiments.controllable.stats import matched_kl_comparison, mean_ci, scopes_of, value_at_kl
+from mallowspo.experiments.controllable.report import format_ci, read_results
+from mallowspo.experiments.controllable.run import RunSpec, WorldRunner, train_grid, world_facts
+from mallowspo.experiments.controllable.stats import beyond, matched_kl_comparison, mean_ci, scopes_of, value_at_kl
 from mallowspo.experiments.world.ensure import ensure_world
 from mallowspo.training.trainer import MallowsPOTrainer
 
@@ -246,25 +245,7 @@ def run_dispersion_sources(
             log(f"[sources] {s}: Spearman with the true -log phi {sources[s]['spearman']:.3f}")
         specs = run_specs(config)
         log(f"[runs] {len(specs)} runs on {len(runner.train_rows)} {config.family} pairs, {config.max_steps} steps")
-        runs: list[dict[str, Any]] = []
-        partial = out / "runs.jsonl"  # each finished run at once, so a stopped grid keeps its runs
-        partial.write_text("")
-
-        def done(n: int, result: dict[str, Any]) -> None:
-            runs.append(result)
-            with partial.open("a") as f:
-                f.write(json.dumps(result, default=float) + "\n")
-            log(f"  run {n}/{len(specs)} done: {result['name']} ({result['seconds']:.0f}s)")
-
-        if jobs <= 1:
-            for n, spec in enumerate(specs, 1):
-                done(n, runner.train_one(spec))
-        else:
-            init = (config, str(world.root), str(out), runner.phi_star, SourceRunner)
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=init) as pool:
-                for n, result in enumerate(pool.map(_worker_run, specs), 1):
-                    done(n, result)
+        runs = train_grid(runner, specs, jobs, world.root, out, log)
     finally:
         torch.set_num_threads(previous_threads)
     return {
@@ -280,18 +261,6 @@ def run_dispersion_sources(
         "summary": summarize_sources(config, runs),
         "seconds": time.perf_counter() - start,
     }
-
-
-def _fmt(ci: dict[str, Any] | None, digits: int = 3, signed: bool = False) -> str:
-    if ci is None or ci.get("n", 0) == 0 or math.isnan(ci["mean"]):
-        return "n/a"
-    spec = f"{'+' if signed else ''}.{digits}f"
-    text = format(ci["mean"], spec)
-    return text + (f" [{format(ci['lo'], spec)}, {format(ci['hi'], spec)}]" if ci["n"] > 1 else "")
-
-
-def beyond(ci: dict[str, Any]) -> bool:
-    return ci.get("n", 0) > 1 and not (ci["lo"] <= 0 <= ci["hi"])
 
 
 def report_markdown(results: dict[str, Any]) -> str:
@@ -320,29 +289,33 @@ def report_markdown(results: dict[str, Any]) -> str:
         for k in entry["keys"]:
             f = entry["final"][k]
             lines.append(
-                f"| {label(k)} | " + " | ".join(f"{_fmt(f[s]['reward'])} | {_fmt(f[s]['kl'])}" for s in scopes) + " |"
+                f"| {label(k)} | "
+                + " | ".join(f"{format_ci(f[s]['reward'])} | {format_ci(f[s]['kl'])}" for s in scopes)
+                + " |"
             )
         lines += ["", f"## beta {beta}: reward at matched KL, minus DPO (paired by seed)", ""]
-        lines += ["| run | " + " | ".join(f"{s}: K* {_fmt(entry['matched_kl'][s]['kl'], 2)}" for s in scopes) + " |"]
+        lines += [
+            "| run | " + " | ".join(f"{s}: K* {format_ci(entry['matched_kl'][s]['kl'], 2)}" for s in scopes) + " |"
+        ]
         lines += ["| --- |" + " --- |" * len(scopes)]
         for k in entry["keys"]:
             cells = []
             for s in scopes:
                 m = entry["matched_kl"][s]["methods"][k]
-                cells.append(_fmt(m["reward"]) if k == "dpo" else _fmt(m["reward_minus_dpo"], signed=True))
+                cells.append(format_ci(m["reward"]) if k == "dpo" else format_ci(m["reward_minus_dpo"], signed=True))
             lines.append(f"| {label(k)} | " + " | ".join(cells) + " |")
         if entry.get("matched_kl_by_source"):
             lines += ["", f"## beta {beta}: minus DPO at each source's own matched KL (K* of DPO, theta, phi)", ""]
             lines += ["| run | K* all | " + " | ".join(scopes) + " |", "| --- | --- |" + " --- |" * len(scopes)]
             for matched in entry["matched_kl_by_source"].values():
                 for k in (k for k in matched["all"]["methods"] if k != "dpo"):
-                    cells = [_fmt(matched[s]["methods"][k]["reward_minus_dpo"], signed=True) for s in scopes]
-                    lines.append(f"| {label(k)} | {_fmt(matched['all']['kl'], 2)} | " + " | ".join(cells) + " |")
+                    cells = [format_ci(matched[s]["methods"][k]["reward_minus_dpo"], signed=True) for s in scopes]
+                    lines.append(f"| {label(k)} | {format_ci(matched['all']['kl'], 2)} | " + " | ".join(cells) + " |")
         if entry["oracle_minus_placebo"]:
             lines += ["", f"## beta {beta}: oracle minus placebo at matched KL", ""]
             lines += ["| method | " + " | ".join(scopes) + " |", "| --- |" + " --- |" * len(scopes)]
             for m, v in entry["oracle_minus_placebo"].items():
-                lines.append(f"| {LABELS[m]} | " + " | ".join(_fmt(v[s], signed=True) for s in scopes) + " |")
+                lines.append(f"| {LABELS[m]} | " + " | ".join(format_ci(v[s], signed=True) for s in scopes) + " |")
         lines += ["", "## Verdict", ""] + [f"- {x}" for x in verdict_lines(entry)]
     return "\n".join(lines) + "\n"
 
@@ -354,10 +327,10 @@ def verdict_lines(entry: dict[str, Any]) -> list[str]:
         if k != "dpo":
             d = entry["matched_kl"]["all"]["methods"][k]["reward_minus_dpo"]
             word = ("above" if d["mean"] > 0 else "below") + " DPO" if beyond(d) else "not distinguishable from DPO"
-            lines.append(f"{label(k)}: {_fmt(d, signed=True)} at matched KL, {word}")
+            lines.append(f"{label(k)}: {format_ci(d, signed=True)} at matched KL, {word}")
     for m, v in entry["oracle_minus_placebo"].items():
         lines.append(
-            f"{LABELS[m]}, oracle - placebo: {_fmt(v['all'], signed=True)}"
+            f"{LABELS[m]}, oracle - placebo: {format_ci(v['all'], signed=True)}"
             + (" (beyond noise)" if beyond(v["all"]) else " (within noise)")
         )
     return lines
@@ -374,7 +347,4 @@ def write_outputs(results: dict[str, Any], out_dir) -> dict[str, Path]:
 
 def load_results(out_dir) -> dict[str, Any]:
     """results.json of ``out_dir``, its summary recomputed from the runs."""
-    results = json.loads((Path(out_dir) / "results.json").read_text())
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in results["config"].items()}
-    results["summary"] = summarize_sources(DispersionSourcesConfig(**fields), results["runs"])
-    return results
+    return read_results(out_dir, DispersionSourcesConfig, summarize_sources)

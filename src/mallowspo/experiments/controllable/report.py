@@ -174,16 +174,23 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     return paths
 
 
-def load_results(out_dir: str | Path) -> dict[str, Any]:
-    """results.json of ``out_dir``, its summary recomputed from the runs (so a report redrawn
-    with a newer version of this package has that version's statistics)."""
+def read_results(out_dir: str | Path, config_class=ControllableConfig, summarize_runs=summarize) -> dict[str, Any]:
+    """results.json of ``out_dir``, its summary recomputed from the runs by ``summarize_runs(config,
+    runs)`` with the saved ``config_class`` (so a report redrawn with a newer version of this package
+    has that version's statistics)."""
     results = json.loads((Path(out_dir) / "results.json").read_text())
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in results["config"].items()}
-    results["summary"] = summarize(ControllableConfig(**fields), results["runs"])
+    results["summary"] = summarize_runs(config_class(**fields), results["runs"])
     return results
 
 
-def _fmt(ci: dict[str, Any], digits: int = 3, signed: bool = False) -> str:
+def load_results(out_dir: str | Path) -> dict[str, Any]:
+    """A controllable experiment's results.json, summary recomputed (``read_results``)."""
+    return read_results(out_dir)
+
+
+def format_ci(ci: dict[str, Any] | None, digits: int = 3, signed: bool = False) -> str:
+    """A mean and its 95% interval (when there are several seeds) as text; "n/a" when undefined."""
     if ci is None or ci.get("n", 0) == 0 or math.isnan(ci["mean"]):
         return "n/a"
     spec = f"{'+' if signed else ''}.{digits}f"
@@ -275,19 +282,19 @@ def _final_table(results: dict[str, Any], beta: str) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     first = next(iter(entry["methods"].values()))
     base = ["base model (step 0)"] + [
-        _fmt(first["base"][s][k], 3 if k != "kl" else 2) if k != "accuracy" else "-"
+        format_ci(first["base"][s][k], 3 if k != "kl" else 2) if k != "accuracy" else "-"
         for s in scopes for k in METRICS
     ]  # fmt: skip
     lines.append("| " + " | ".join(base) + " |")
     for r in entry["methods"].values():
-        cells = [r["label"]] + [_fmt(r["final"][s][k], 2 if k == "kl" else 3) for s in scopes for k in METRICS]
+        cells = [r["label"]] + [format_ci(r["final"][s][k], 2 if k == "kl" else 3) for s in scopes for k in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def _fmt_diff(ci: dict[str, Any] | None, digits: int = 3) -> str:
     """A paired difference, with the number of seeds on each side of 0 when there are several."""
-    text = _fmt(ci, digits, signed=True)
+    text = format_ci(ci, digits, signed=True)
     if ci is not None and ci.get("n", 0) > 1:
         text += f" ({sum(v > 0 for v in ci['values'])}/{ci['n']} > 0)"
     return text
@@ -300,7 +307,7 @@ def _matched_table(results: dict[str, Any], beta: str) -> list[str]:
     lines.append("|" + "---|" * (2 + len(methods)))
     for scope in table_scopes(results):
         matched = entry["matched_kl"][scope]
-        cells = [scope, _fmt(matched["kl"], 2)] + [_fmt(matched["methods"][m]["reward"]) for m in methods]
+        cells = [scope, format_ci(matched["kl"], 2)] + [format_ci(matched["methods"][m]["reward"]) for m in methods]
         lines.append("| " + " | ".join(cells) + " |")
     others = [m for m in methods if m != "dpo"]
     if not others or "dpo" not in methods:

@@ -218,6 +218,34 @@ def _worker_run(spec: RunSpec) -> dict[str, Any]:
     return _WORKER.train_one(spec)
 
 
+def train_grid(
+    runner: WorldRunner, specs: list, jobs: int, world_root: str, out: Path, log=say
+) -> list[dict[str, Any]]:
+    """Train every spec with ``runner`` (in this process), or with ``jobs`` > 1 worker processes that
+    each build a runner of the same class. Each finished run is appended to ``out/runs.jsonl`` at
+    once, so a stopped grid keeps its runs."""
+    runs: list[dict[str, Any]] = []
+    partial = out / "runs.jsonl"
+    partial.write_text("")
+
+    def done(n: int, result: dict[str, Any]) -> None:
+        runs.append(result)
+        with partial.open("a") as f:
+            f.write(json.dumps(result, default=float) + "\n")
+        log(f"  run {n}/{len(specs)} done: {result['name']} ({result['seconds']:.0f}s)")
+
+    if jobs <= 1:
+        for n, spec in enumerate(specs, 1):
+            done(n, runner.train_one(spec))
+        return runs
+    init = (runner.config, str(world_root), str(out), runner.phi_star, type(runner))
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=init) as pool:
+        for n, result in enumerate(pool.map(_worker_run, specs), 1):
+            done(n, result)
+    return runs
+
+
 def run_specs(config: ControllableConfig) -> list[RunSpec]:
     """Seed-major order, so an interrupted grid still has whole seeds."""
     return [RunSpec(s, b, m) for s in config.seeds for b in config.betas for m in config.methods]

@@ -27,6 +27,11 @@ def mean_ci(values: list[float], level: float = 0.95) -> dict[str, Any]:
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n, "values": x.tolist()}
 
 
+def beyond(ci: dict[str, Any] | None) -> bool:
+    """Whether a difference's 95% t-interval over seeds excludes 0 (never with one seed)."""
+    return ci is not None and ci.get("n", 0) > 1 and not (ci["lo"] <= 0 <= ci["hi"])
+
+
 def value_at_kl(checkpoints: list[dict[str, Any]], kl: float, metric: str = "reward", scope: str = "all") -> float:
     """``metric`` interpolated along a training curve at the first point where its KL reaches ``kl``."""
     points = [(c[scope]["kl"], c[scope][metric]) for c in checkpoints if scope in c]

@@ -4,7 +4,6 @@ held-out Kendall tau against the step) and report.md (the tables and the compute
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mallowspo.experiments.controllable.report import format_ci, read_results  # noqa: E402
+from mallowspo.experiments.controllable.stats import beyond  # noqa: E402
 from mallowspo.experiments.listwise.run import ARM_COLORS, ARM_LABELS, ListwiseConfig, summarize_listwise  # noqa: E402
 
 FINAL_COLUMNS = (
@@ -25,41 +26,32 @@ FINAL_COLUMNS = (
 AT_KL = (("reward", "reward"), ("kendall_tau", "tau (observed)"), ("kendall_tau_true", "tau (true)"))
 
 
-def _fmt(ci: dict[str, Any] | None, digits: int = 3, signed: bool = False) -> str:
-    if ci is None or ci.get("n", 0) == 0 or math.isnan(ci["mean"]):
-        return "n/a"
-    spec = f"{'+' if signed else ''}.{digits}f"
-    text = format(ci["mean"], spec)
-    return text + (f" [{format(ci['lo'], spec)}, {format(ci['hi'], spec)}]" if ci["n"] > 1 else "")
-
-
-def beyond(ci: dict[str, Any] | None) -> bool:
-    """The 95% t-interval over seeds excludes 0."""
-    return ci is not None and ci.get("n", 0) > 1 and not (ci["lo"] <= 0 <= ci["hi"])
-
-
 def final_table(entry: dict[str, Any], scope: str) -> list[str]:
     lines = ["| arm | " + " | ".join(name for _, name in FINAL_COLUMNS) + " |"]
     lines.append("| --- |" + " --- |" * len(FINAL_COLUMNS))
     for r in entry["methods"].values():
         final = r["final"][scope]
-        lines.append(f"| {r['label']} | " + " | ".join(_fmt(final[k]) for k, _ in FINAL_COLUMNS) + " |")
+        lines.append(f"| {r['label']} | " + " | ".join(format_ci(final[k]) for k, _ in FINAL_COLUMNS) + " |")
     return lines
 
 
 def matched_table(entry: dict[str, Any], scope: str) -> list[str]:
     matched = entry["matched_kl"][scope]
     lines = [
-        f"K* = {_fmt(matched['kl'], 2)} nats (per seed, the smallest final KL of the arms).",
+        f"K* = {format_ci(matched['kl'], 2)} nats (per seed, the smallest final KL of the arms).",
         "",
         "| arm | " + " | ".join(f"{name} at K*" for _, name in AT_KL) + " | "
         + " | ".join(f"{name} minus DPO" for _, name in AT_KL) + " |",
         "| --- |" + " --- |" * (2 * len(AT_KL)),
     ]  # fmt: skip
     for arm, m in matched["methods"].items():
-        diffs = ["" if arm == "dpo" else _fmt(m.get(f"{k}_minus_dpo"), signed=True) for k, _ in AT_KL]
+        diffs = ["" if arm == "dpo" else format_ci(m.get(f"{k}_minus_dpo"), signed=True) for k, _ in AT_KL]
         lines.append(
-            f"| {ARM_LABELS[arm]} | " + " | ".join(_fmt(m[k]) for k, _ in AT_KL) + " | " + " | ".join(diffs) + " |"
+            f"| {ARM_LABELS[arm]} | "
+            + " | ".join(format_ci(m[k]) for k, _ in AT_KL)
+            + " | "
+            + " | ".join(diffs)
+            + " |"
         )
     return lines
 
@@ -78,8 +70,8 @@ def verdict_lines(entry: dict[str, Any]) -> list[str]:
         for metric, name in (("reward", "reward"), ("kendall_tau", "held-out tau")):
             d = m[f"{metric}_minus_dpo"]
             word = ("above" if d["mean"] > 0 else "below") if beyond(d) else "within noise of"
-            parts.append(f"{name} {_fmt(d, signed=True)} ({word} DPO)")
-        lines.append(f"{ARM_LABELS[arm]} at matched KL {_fmt(matched['kl'], 2)}: " + "; ".join(parts))
+            parts.append(f"{name} {format_ci(d, signed=True)} ({word} DPO)")
+        lines.append(f"{ARM_LABELS[arm]} at matched KL {format_ci(matched['kl'], 2)}: " + "; ".join(parts))
     return lines
 
 
@@ -157,7 +149,4 @@ def write_outputs(results: dict[str, Any], out_dir) -> dict[str, Path]:
 
 def load_results(out_dir) -> dict[str, Any]:
     """results.json of ``out_dir``, its summary recomputed from the runs."""
-    results = json.loads((Path(out_dir) / "results.json").read_text())
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in results["config"].items()}
-    results["summary"] = summarize_listwise(ListwiseConfig(**fields), results["runs"])
-    return results
+    return read_results(out_dir, ListwiseConfig, summarize_listwise)

@@ -4,11 +4,8 @@ world's ranked lists), and the whole grid (``run_listwise``)."""
 
 from __future__ import annotations
 
-import json
 import math
-import multiprocessing
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from mallowspo.experiments.controllable.config import PROMPT_FAMILIES, ControllableConfig, read_rows, stratified
 from mallowspo.experiments.controllable.config import select_family as family_rows
 from mallowspo.experiments.controllable.evaluate import encode, say, sequence_logps
-from mallowspo.experiments.controllable.run import RunSpec, WorldRunner, _worker_init, _worker_run, world_facts
+from mallowspo.experiments.controllable.run import RunSpec, WorldRunner, train_grid, world_facts
 from mallowspo.experiments.controllable.stats import dispersion_vs_truth, summarize
 from mallowspo.experiments.world.ensure import ensure_world
 from mallowspo.training.trainer import MallowsPOTrainer
@@ -242,25 +239,7 @@ def run_listwise(config: ListwiseConfig, out_dir, world_root=None, jobs: int = 1
             f"[runs] {len(specs)} runs on {len(runner.train_lists)} {config.family} lists, {config.max_steps} steps "
             f"of {config.batch_size} prompts; {len(runner.heldout.sizes)} held-out lists"
         )
-        runs: list[dict[str, Any]] = []
-        partial = out / "runs.jsonl"
-        partial.write_text("")
-
-        def done(n: int, result: dict[str, Any]) -> None:
-            runs.append(result)
-            with partial.open("a") as f:
-                f.write(json.dumps(result, default=float) + "\n")
-            log(f"  run {n}/{len(specs)} done: {result['name']} ({result['seconds']:.0f}s)")
-
-        if jobs <= 1:
-            for n, spec in enumerate(specs, 1):
-                done(n, runner.train_one(spec))
-        else:
-            init = (config, str(world.root), str(out), runner.phi_star, ListRunner)
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=init) as pool:
-                for n, result in enumerate(pool.map(_worker_run, specs), 1):
-                    done(n, result)
+        runs = train_grid(runner, specs, jobs, world.root, out, log)
     finally:
         torch.set_num_threads(previous_threads)
     sizes = np.asarray(dispersion["sizes"])
