@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from mallowspo.experiments.controllable.config import PROMPT_FAMILIES, ControllableConfig, read_rows, stratified
 from mallowspo.experiments.controllable.config import select_family as family_rows
 from mallowspo.experiments.controllable.evaluate import encode, say, sequence_logps
-from mallowspo.experiments.controllable.run import RunSpec, WorldRunner, train_grid, world_facts
+from mallowspo.experiments.controllable.run import RunSpec, WorldRunner, run_specs, train_grid, world_facts
 from mallowspo.experiments.controllable.stats import dispersion_vs_truth, summarize
 from mallowspo.experiments.world.ensure import ensure_world
 from mallowspo.training.trainer import MallowsPOTrainer
@@ -202,11 +202,6 @@ class ListRunner(WorldRunner):
             "template": [r["template"] for r in rows],
             "sizes": [len(r["responses"]) for r in rows],
         }
-
-
-def run_specs(config: ListwiseConfig) -> list[RunSpec]:
-    """Seed-major, so an interrupted grid still has whole seeds."""
-    return [RunSpec(s, b, m) for s in config.seeds for b in config.betas for m in config.methods]
 
 
 def summarize_listwise(config: ListwiseConfig, runs: list[dict[str, Any]]) -> dict[str, Any]:
