@@ -496,7 +496,7 @@ def _time_cache(columns: dict, repeats: int) -> dict:
     back (``read_valid_cache``, from the page cache), each repeat a new entry in a temp dir."""
     import numpy as np
 
-    from mallowspo.training.reference import read_valid_cache, write_cache_atomically
+    from mallowspo.training.reference_cache import read_valid_cache, write_cache_atomically
 
     write_s, read_s, same = [], [], True
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as root:

@@ -123,7 +123,8 @@ def reference_pass():
     from mallowspo.training.collate import PreferenceCollator
     from mallowspo.training.data import prepare_preference_dataset
     from mallowspo.training.head import add_completion_head
-    from mallowspo.training.reference import load_or_compute_reference_columns, weights_fingerprint
+    from mallowspo.training.reference import load_or_compute_reference_columns
+    from mallowspo.training.reference_cache import weights_fingerprint
 
     def run(raw, tokenizer, model, config):
         dataset, _ = prepare_preference_dataset(raw, tokenizer, config)

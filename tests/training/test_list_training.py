@@ -32,7 +32,8 @@ from mallowspo.training.list_reference import (
     list_hbar,
     load_or_compute_list_reference_columns,
 )
-from mallowspo.training.reference import compute_reference_columns, weights_fingerprint
+from mallowspo.training.reference import compute_reference_columns
+from mallowspo.training.reference_cache import weights_fingerprint
 from mallowspo.training.scoring import score_completions
 from mallowspo.training.trainer import MallowsPOTrainer
 

@@ -14,10 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mallowspo.training.collate import PreferenceCollator
 from mallowspo.training.data import PreferenceDataConfig, load_preference_dataset, prepare_preference_dataset
 from mallowspo.training.head import add_completion_head
-from mallowspo.training.reference import (
+from mallowspo.training.reference import compute_reference_columns, load_or_compute_reference_columns
+from mallowspo.training.reference_cache import (
     cache_dir_for,
-    compute_reference_columns,
-    load_or_compute_reference_columns,
     read_cache,
     token_fingerprint,
     weights_fingerprint,

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mallowspo.training.data import PreferenceDataConfig, load_preference_dataset
-from mallowspo.training.reference import token_fingerprint
+from mallowspo.training.reference_cache import token_fingerprint
 
 torch.set_num_threads(1)
 

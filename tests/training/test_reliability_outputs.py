@@ -30,7 +30,7 @@ from mallowspo.training import outputs
 from mallowspo.training.config import MallowsPOConfig
 from mallowspo.training.data import PreferenceDataConfig, load_preference_dataset, prepare_preference_dataset
 from mallowspo.training.outputs import disk_full_errno
-from mallowspo.training.reference import (
+from mallowspo.training.reference_cache import (
     REFERENCE_COLUMNS,
     cache_dir_for,
     reference_cache_key,

@@ -53,7 +53,8 @@ from mallowspo.training.list_collate import ListCollator  # noqa: E402
 from mallowspo.training.list_reference import attach_reference_pass  # noqa: E402
 from mallowspo.training.loading import check_model_source, check_tokenizer_fits, load_causal_lm, load_tokenizer  # noqa: E402
 from mallowspo.training.outputs import check_output_dir, summary_statistics, write_dispersion_jsonl  # noqa: E402
-from mallowspo.training.reference import annotation_values, weights_fingerprint, with_dispersion  # noqa: E402
+from mallowspo.training.reference import annotation_values, with_dispersion  # noqa: E402
+from mallowspo.training.reference_cache import weights_fingerprint
 
 ACCEPTS_OVERRIDES = True
 # The earlier flag names of this command -> the keys of `mallowspo train`.

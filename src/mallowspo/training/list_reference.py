@@ -41,16 +41,14 @@ from tqdm.auto import tqdm
 from mallowspo.training.data.binarize import is_list_dataset
 from mallowspo.training.data.lists import LIST_TOKEN_COLUMNS
 from mallowspo.training.list_collate import ListCollator, scatter_responses
-from mallowspo.training.reference import (
-    ReferenceResult,
+from mallowspo.training.reference import ReferenceResult, load_or_compute_reference_columns, with_columns
+from mallowspo.training.reference_cache import (
     cache_dir_for,
     check_finite_columns,
     invalid_reference_columns,
-    load_or_compute_reference_columns,
     reference_cache_key,
     token_fingerprint,
     tokenizer_fingerprint,
-    with_columns,
     write_cache_atomically,
 )
 from mallowspo.training.scoring import output_vocab_size, score_completions
