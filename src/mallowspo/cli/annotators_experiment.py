@@ -10,20 +10,10 @@ from __future__ import annotations
 import argparse
 import time
 
+from mallowspo.cli.arguments import comma_ints
 from mallowspo.cli.errors import user_errors
 from mallowspo.experiments.annotators import AnnotatorsConfig, run_annotators, verdict_lines, write_outputs
 from mallowspo.experiments.world import ensure_world
-
-
-def comma_counts(text: str) -> tuple[int, ...]:
-    """``"1,2,5"`` -> (1, 2, 5)."""
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one count")
-    return values
 
 
 def add_parser(experiments) -> None:
@@ -37,7 +27,7 @@ def add_parser(experiments) -> None:
     )
     p.add_argument(
         "--annotators",
-        type=comma_counts,
+        type=comma_ints,
         default=defaults.annotators,
         help="comma-separated annotator counts M (default 1,2,3,5,10); beyond the world's 5 more are drawn",
     )

@@ -24,7 +24,6 @@ import dataclasses
 import hashlib
 import logging
 import math
-import shutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -34,7 +33,6 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -43,13 +41,12 @@ from mallowspo.training.data.lists import LIST_TOKEN_COLUMNS
 from mallowspo.training.list_collate import ListCollator, scatter_responses
 from mallowspo.training.reference import ReferenceResult, load_or_compute_reference_columns, with_columns
 from mallowspo.training.reference_cache import (
-    cache_dir_for,
+    cache_entry,
     check_finite_columns,
     invalid_reference_columns,
-    reference_cache_key,
+    reuse_entry,
+    store_entry,
     token_fingerprint,
-    tokenizer_fingerprint,
-    write_cache_atomically,
 )
 from mallowspo.training.scoring import output_vocab_size, score_completions
 
@@ -179,28 +176,15 @@ def load_or_compute_list_reference_columns(
 ) -> ReferenceResult:
     """Reuse the cached list columns for exactly this input, or compute and cache them; the result's
     columns are ``per_row``'s. Arguments as ``training.reference.load_or_compute_reference_columns``."""
-    if dataclasses.is_dataclass(data_settings):
-        data_settings = dataclasses.asdict(data_settings)
-    key, components = reference_cache_key(
-        list_token_fingerprint(dataset),
-        weights,
-        tokenizer_fingerprint(tokenizer),
-        {**data_settings, "shape": "lists"},
-        str(accelerator.mixed_precision),
+    settings = dataclasses.asdict(data_settings) if dataclasses.is_dataclass(data_settings) else data_settings
+    path, components = cache_entry(
+        list_token_fingerprint(dataset), weights, tokenizer, {**settings, "shape": "lists"}, accelerator
     )
-    shared = [key, components]
-    broadcast_object_list(shared, from_process=0)
-    key, components = shared
-    path = cache_dir_for(key)
     sizes = list_sizes(dataset)
-    decision = [read_list_cache(path, sizes) is not None]
-    broadcast_object_list(decision, from_process=0)
-    if decision[0]:
-        columns = read_list_cache(path, sizes)
-        if columns is not None:
-            logger.info("reference pass (%s): reused the cache at %s (%d lists)", name, path, len(dataset))
-            return ReferenceResult(per_row(columns), path, reused=True)
-    damaged = path.exists()
+    columns = reuse_entry(path, lambda p: read_list_cache(p, sizes))
+    if columns is not None:
+        logger.info("reference pass (%s): reused the cache at %s (%d lists)", name, path, len(dataset))
+        return ReferenceResult(per_row(columns), path, reused=True)
     logger.info("reference pass (%s): computing for %d lists (%d responses)", name, len(dataset), int(sizes.sum()))
     columns = compute_list_reference_columns(
         model,
@@ -215,15 +199,7 @@ def load_or_compute_list_reference_columns(
     starts = np.cumsum(sizes) - sizes  # a NaN or inf response makes its list's sum non-finite
     by_list = {n: np.add.reduceat(columns[n], starts) for n in LIST_REFERENCE_COLUMNS[:2]}
     check_finite_columns({**by_list, "hbar": columns["hbar"]}, dataset, name)
-    if accelerator.is_main_process:
-        try:
-            if damaged:
-                shutil.rmtree(path, ignore_errors=True)
-            write_cache_atomically(path, columns, components)
-            logger.info("reference pass (%s): cached at %s", name, path)
-        except OSError as error:
-            logger.warning("reference pass (%s): could not cache the results at %s (%s)", name, path, error)
-    accelerator.wait_for_everyone()
+    store_entry(path, columns, components, accelerator, name)
     return ReferenceResult(per_row(columns), path, reused=False)
 
 

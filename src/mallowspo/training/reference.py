@@ -25,9 +25,7 @@ Cache root: ``$MALLOWSPO_CACHE`` or ``~/.cache/mallowspo``; entries live in
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import shutil
 import warnings
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -39,7 +37,6 @@ import datasets
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -55,14 +52,12 @@ from mallowspo.training.collate import PreferenceCollator, split_pairs
 from mallowspo.training.data import TOKEN_COLUMNS
 from mallowspo.training.reference_cache import (
     REFERENCE_COLUMNS,
-    cache_dir_for,
+    cache_entry,
     check_finite_columns,
-    read_cache,
     read_valid_cache,
-    reference_cache_key,
+    reuse_entry,
+    store_entry,
     token_fingerprint,
-    tokenizer_fingerprint,
-    write_cache_atomically,
 )
 from mallowspo.training.scoring import output_vocab_size, score_completions
 
@@ -131,6 +126,12 @@ class ReferenceResult:
     reused: bool
 
 
+def _pair_columns_of(path: Path, rows: int) -> dict[str, np.ndarray] | None:
+    """A valid entry's columns when it holds ``rows`` pairs, else None."""
+    columns = read_valid_cache(path)
+    return columns if columns is not None and len(columns["hbar"]) == rows else None
+
+
 def load_or_compute_reference_columns(
     model: torch.nn.Module,
     dataset: datasets.Dataset,
@@ -150,35 +151,17 @@ def load_or_compute_reference_columns(
     tokenization settings (a dataclass such as ``PreferenceDataConfig``, or a dict). The decision
     is taken on the main process and shared, so all processes agree.
     """
-    if dataclasses.is_dataclass(data_settings):
-        data_settings = dataclasses.asdict(data_settings)
-    key, components = reference_cache_key(
-        token_fingerprint(dataset),
-        weights,
-        tokenizer_fingerprint(tokenizer),
-        data_settings,
-        str(accelerator.mixed_precision),
-    )
-    shared = [key, components]
-    broadcast_object_list(shared, from_process=0)
-    key, components = shared
-    path = cache_dir_for(key)
-
-    decision = [read_valid_cache(path) is not None]
-    broadcast_object_list(decision, from_process=0)
-    if decision[0]:
-        columns = read_cache(path)
-        if columns is not None and len(columns["hbar"]) == len(dataset):
-            logger.info("reference pass (%s): reused the cache at %s (%d rows)", name, path, len(dataset))
-            return ReferenceResult(columns, path, reused=True)
-
-    damaged = path.exists()  # an entry is there but could not be used: replace it
+    path, components = cache_entry(token_fingerprint(dataset), weights, tokenizer, data_settings, accelerator)
+    columns = reuse_entry(path, lambda p: _pair_columns_of(p, len(dataset)))
+    if columns is not None:
+        logger.info("reference pass (%s): reused the cache at %s (%d rows)", name, path, len(dataset))
+        return ReferenceResult(columns, path, reused=True)
     logger.info(
         "reference pass (%s): computing for %d rows (no %scache entry for key %s)",
         name,
         len(dataset),
-        "usable " if damaged else "",
-        key,
+        "usable " if path.exists() else "",
+        path.name,
     )
     columns = compute_reference_columns(
         model,
@@ -191,21 +174,7 @@ def load_or_compute_reference_columns(
         desc=f"reference pass ({name})",
     )
     check_finite_columns(columns, dataset, name)
-    if accelerator.is_main_process:
-        try:
-            if damaged:
-                shutil.rmtree(path, ignore_errors=True)
-            write_cache_atomically(path, columns, components)
-            logger.info("reference pass (%s): cached at %s", name, path)
-        except OSError as error:  # the cache only saves time: go on without it
-            logger.warning(
-                "reference pass (%s): could not cache the results at %s (%s); continuing without the "
-                "cache (set MALLOWSPO_CACHE to a writable directory)",
-                name,
-                path,
-                error,
-            )
-    accelerator.wait_for_everyone()
+    store_entry(path, columns, components, accelerator, name)
     return ReferenceResult(columns, path, reused=False)
 
 

@@ -15,6 +15,7 @@ Cache root: ``$MALLOWSPO_CACHE`` or ``~/.cache/mallowspo``; entries live in
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,12 +23,15 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from trl.trainer.utils import hash_module
 
 from mallowspo.training.data import TOKEN_COLUMNS
@@ -228,3 +232,55 @@ def write_cache_atomically(path: Path, columns: dict[str, np.ndarray], component
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+# One entry's life, shared by the pairs' and the lists' pass
+# ---------------------------------------------------------------------------------------
+
+
+def cache_entry(
+    fingerprint: str, weights: str, tokenizer: Any, data_settings: dict[str, Any] | Any, accelerator: Accelerator
+) -> tuple[Path, dict[str, Any]]:
+    """The entry's directory and key components for this input (``data_settings``: a dataclass such as
+    ``PreferenceDataConfig``, or a dict), decided on the main process and shared, so all processes agree."""
+    if dataclasses.is_dataclass(data_settings):
+        data_settings = dataclasses.asdict(data_settings)
+    shared = list(
+        reference_cache_key(
+            fingerprint, weights, tokenizer_fingerprint(tokenizer), data_settings, str(accelerator.mixed_precision)
+        )
+    )
+    broadcast_object_list(shared, from_process=0)
+    key, components = shared
+    return cache_dir_for(key), components
+
+
+def reuse_entry(path: Path, read: Callable[[Path], dict[str, np.ndarray] | None]) -> dict[str, np.ndarray] | None:
+    """The entry's columns by ``read`` (None when missing or unusable), with the main process's verdict
+    shared, so that either every process reuses the entry or every one recomputes."""
+    decision = [read(path) is not None]
+    broadcast_object_list(decision, from_process=0)
+    return read(path) if decision[0] else None
+
+
+def store_entry(
+    path: Path, columns: dict[str, np.ndarray], components: dict[str, Any], accelerator: Accelerator, name: str
+) -> None:
+    """Write the computed columns (the main process, replacing an unusable entry); a cache that cannot
+    be written is a warning: it only saves time. Every process waits for the write."""
+    if accelerator.is_main_process:
+        try:
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+            write_cache_atomically(path, columns, components)
+            logger.info("reference pass (%s): cached at %s", name, path)
+        except OSError as error:
+            logger.warning(
+                "reference pass (%s): could not cache the results at %s (%s); continuing without the "
+                "cache (set MALLOWSPO_CACHE to a writable directory)",
+                name,
+                path,
+                error,
+            )
+    accelerator.wait_for_everyone()
