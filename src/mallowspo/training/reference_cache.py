@@ -259,9 +259,10 @@ def cache_entry(
 def reuse_entry(path: Path, read: Callable[[Path], dict[str, np.ndarray] | None]) -> dict[str, np.ndarray] | None:
     """The entry's columns by ``read`` (None when missing or unusable), with the main process's verdict
     shared, so that either every process reuses the entry or every one recomputes."""
-    decision = [read(path) is not None]
+    columns = read(path)  # once per process: every process needs the columns, the main one's verdict decides
+    decision = [columns is not None]
     broadcast_object_list(decision, from_process=0)
-    return read(path) if decision[0] else None
+    return columns if decision[0] else None
 
 
 def store_entry(
